@@ -1,0 +1,16 @@
+"""The README's first command: Lion trains the digits MLP and uses a quarter of AdamW's state."""
+
+import optax
+
+import lion_optax
+from train import quickstart
+
+
+def test_quickstart_lion_learns_digits_with_quarter_of_adamw_state():
+    _, lion_acc, lion_bytes = quickstart.train(
+        lion_optax.from_adamw(1e-3, 1e-2, factor=3, mask=lion_optax.decay_mask), steps=80
+    )
+    _, adamw_acc, adamw_bytes = quickstart.train(optax.adamw(1e-3, weight_decay=1e-2), steps=80)
+    assert lion_acc > 0.85 and adamw_acc > 0.85
+    # bf16 momentum (2 B/param) vs two fp32 moments (8 B/param), plus a few counters.
+    assert abs(lion_bytes / adamw_bytes - 0.25) < 0.01

@@ -1,0 +1,378 @@
+"""Decoder-only language model (LLaMA-style) in Flax NNX.
+
+Pre-norm blocks of grouped-query attention with rotary position embeddings and a
+SwiGLU MLP, RMSNorm everywhere, no biases. Every parameter carries logical axis names
+from `models.partitioning`; build and call the model inside
+`partitioning.sharding_context(mesh_or_None)`.
+
+Layers are either unrolled (`nnx.List` of blocks) or, with `scan_layers=True`, stacked
+along a leading `layers` axis and run with `nnx.scan`, which keeps compile time nearly
+flat in depth. `stack_layer_params` / `unstack_layer_params` convert between the two.
+
+Precision: parameters are stored in `param_dtype` and cast to the compute `dtype` at
+use; attention softmax, RMSNorm statistics, RoPE and the returned logits are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.partitioning import constrain
+
+Array = jax.Array
+# {'k', 'v'}: [layers, batch, max_len, kv_heads, head_dim] in the compute dtype.
+KVCache = dict[str, Array]
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+ACT_EMBED = ("act_batch", "act_length", "act_embed")
+_LAYERS = {nnx.PARTITION_NAME: "layers"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Hyper-parameters of `Decoder`; `head_dim` defaults to d_model // num_heads."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_dim: int
+    head_dim: int | None = None
+    max_seq_len: int = 2048
+    rope_theta: float = 10_000.0
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    attn_logit_softcap: float | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = True
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+
+
+_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 ffn_dim=128, max_seq_len=128),
+    "small": dict(vocab_size=32000, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4,
+                  ffn_dim=2048),
+    "base": dict(vocab_size=32000, d_model=1024, num_layers=24, num_heads=16, num_kv_heads=8,
+                 ffn_dim=2816),
+    # TinyLlama-1.1B.
+    "1b": dict(vocab_size=32000, d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4,
+               ffn_dim=5632),
+    # Llama-2-7B.
+    "7b": dict(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+               ffn_dim=11008, max_seq_len=4096),
+    # Llama-3-8B.
+    "8b": dict(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+               ffn_dim=14336, max_seq_len=8192, rope_theta=500_000.0),
+}
+
+
+def decoder_config(size: str, **overrides: Any) -> DecoderConfig:
+    """Named preset (`tiny`, `small`, `base`, `1b`, `7b`, `8b`) with field overrides."""
+    if size not in _SIZES:
+        raise ValueError(f"unknown decoder size {size!r}; expected one of {sorted(_SIZES)}")
+    return DecoderConfig(**{**_SIZES[size], **overrides})
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _kernel_init(in_axis, out_axis):
+    return nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+
+
+def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
+    """A parameter annotated with logical axis `names`."""
+    return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with a learned scale; statistics in float32."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.eps, self.dtype = cfg.norm_eps, cfg.dtype
+        self.scale = _param(rngs, nnx.initializers.ones, (cfg.d_model,), ("embed",),
+                            cfg.param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding of `x` [batch, seq, heads, head_dim] at `positions` [batch, seq].
+
+    Rotates the pairs (x[i], x[i + head_dim/2]) ("rotate half" convention) in float32.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, half]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention with RoPE and an optional KV cache."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        d, h, k, q = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        in_proj, pd = _kernel_init(0, (1, 2)), cfg.param_dtype
+        self.query = _param(rngs, in_proj, (d, h, q), ("embed", "heads", "head_dim"), pd)
+        self.key = _param(rngs, in_proj, (d, k, q), ("embed", "kv_heads", "head_dim"), pd)
+        self.value = _param(rngs, in_proj, (d, k, q), ("embed", "kv_heads", "head_dim"), pd)
+        self.out = _param(rngs, _kernel_init((0, 1), 2), (h, q, d),
+                          ("heads", "head_dim", "embed"), pd)
+
+    def __call__(self, x, positions, cache=None, cache_index=None):
+        """x: [batch, seq, d_model] -> (same shape, updated per-layer cache or None).
+
+        With a cache, keys/values of `x` are written at slots `cache_index + [0, seq)` and
+        queries attend to every filled slot up to their own.
+        """
+        cfg, dt = self.config, self.config.dtype
+        batch, seq, _ = x.shape
+        kv_axes = ("act_batch", "act_length", "act_kv_heads", None)
+        q = jnp.einsum("btd,dhq->bthq", x, self.query[...].astype(dt))
+        k = jnp.einsum("btd,dkq->btkq", x, self.key[...].astype(dt))
+        v = jnp.einsum("btd,dkq->btkq", x, self.value[...].astype(dt))
+        q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+        k, v = constrain(k, kv_axes), constrain(v, kv_axes)
+        q = apply_rope(q, positions, cfg.rope_theta) * jnp.asarray(cfg.head_dim ** -0.5, dt)
+        k = apply_rope(k, positions, cfg.rope_theta)
+
+        start = 0
+        if cache is not None:
+            start = cache_index
+            slot = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), slot)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), slot)
+            cache = {"k": k, "v": v}
+        # Causal mask over cache slots: query at slot start+t sees key slots <= start+t.
+        query_slots = start + jnp.arange(seq)
+        mask = jnp.arange(k.shape[1])[None, :] <= query_slots[:, None]  # [seq, kv_len]
+
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
+        logits = jnp.einsum("btkgq,bskq->bkgts", q, k.astype(dt),
+                            preferred_element_type=jnp.float32)
+        if cfg.attn_logit_softcap is not None:
+            cap = cfg.attn_logit_softcap
+            logits = cap * jnp.tanh(logits / cap)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        context = jnp.einsum("bkgts,bskq->btkgq", probs, v.astype(dt))
+        context = context.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+        context = constrain(context, ("act_batch", "act_length", "act_heads", None))
+        return jnp.einsum("bthq,hqd->btd", context, self.out[...].astype(dt)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.dtype = cfg.dtype
+        d, f, pd, init = cfg.d_model, cfg.ffn_dim, cfg.param_dtype, _kernel_init(0, 1)
+        self.gate = _param(rngs, init, (d, f), ("embed", "mlp"), pd)
+        self.up = _param(rngs, init, (d, f), ("embed", "mlp"), pd)
+        self.down = _param(rngs, init, (f, d), ("mlp", "embed"), pd)
+
+    def __call__(self, x: Array) -> Array:
+        dt = self.dtype
+        hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        hidden = constrain(hidden, ("act_batch", "act_length", "act_mlp"))
+        return hidden @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, cache=None, cache_index=None):
+        attn_out, cache = self.attn(self.attn_norm(x), positions, cache, cache_index)
+        x = x + attn_out
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ACT_EMBED), cache
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Decoder(nnx.Module):
+    """LLaMA-style decoder-only LM; see the module docstring."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        d, vocab = cfg.d_model, cfg.vocab_size
+        self.embed = _param(rngs, nnx.initializers.normal(d ** -0.5), (vocab, d),
+                            ("vocab", "embed"), cfg.param_dtype)
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS)
+            def make_stacked_blocks(rngs):
+                return Block(cfg, rngs=rngs)
+
+            self.layers = make_stacked_blocks(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, _kernel_init(0, 1), (d, vocab), ("embed", "vocab"),
+                                  cfg.param_dtype)
+
+    def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
+        """tokens [batch, seq] int -> float32 logits [batch, seq, vocab] (causal)."""
+        logits, _ = self._forward(tokens, positions, None, None)
+        return logits
+
+    def decode(self, tokens: Array, cache: KVCache, cache_index, positions=None):
+        """Cached forward of `tokens` written at slots [cache_index, cache_index + seq).
+
+        Returns (float32 logits [batch, seq, vocab], updated cache). Positions default
+        to the slot indices.
+        """
+        return self._forward(tokens, positions, cache, cache_index)
+
+    def _forward(self, tokens, positions, cache, cache_index):
+        cfg = self.config
+        batch, seq = tokens.shape
+        if positions is None:
+            start = 0 if cache_index is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
+        x = constrain(x, ACT_EMBED)
+        x, cache = self._run_layers(x, positions, cache, cache_index)
+        x = self.final_norm(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(cfg.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(cfg.dtype),
+                                preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        return logits.astype(jnp.float32), cache
+
+    def _run_layers(self, x, positions, cache, cache_index):
+        cfg = self.config
+
+        def run_block(block, x, layer_cache):
+            return block(x, positions, layer_cache, cache_index)
+
+        if cfg.remat != "none":
+            policy = None
+            if cfg.remat == "save_dots":
+                policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            run_block = nnx.remat(run_block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+        if cfg.scan_layers:
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                      transform_metadata=_LAYERS)
+            def scan_blocks(x, block, layer_cache):
+                return run_block(block, x, layer_cache)
+
+            return scan_blocks(x, self.layers, cache)
+
+        new_caches = []
+        for i, block in enumerate(self.layers):
+            layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+            x, layer_cache = run_block(block, x, layer_cache)
+            new_caches.append(layer_cache)
+        if cache is not None:
+            cache = jax.tree.map(lambda *c: jnp.stack(c), *new_caches)
+        return x, cache
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> KVCache:
+    """Zeroed KV cache for `batch` sequences of up to `max_len` tokens."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def stack_layer_params(params: dict) -> dict:
+    """Unrolled pure-dict params ({'layers': {0: ..., 1: ...}}) -> scanned layout.
+
+    Works on `nnx.state(model, nnx.Param).to_pure_dict()` (or any state-shaped dict);
+    load the result with `nnx.replace_by_pure_dict` into a `scan_layers=True` model.
+    """
+    layers = params["layers"]
+    per_layer = [layers[i] for i in sorted(layers)]
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}
+
+
+def unstack_layer_params(params: dict) -> dict:
+    """Inverse of `stack_layer_params`: leading `layers` axis -> {0: ..., 1: ...}."""
+    stacked = params["layers"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    per_layer = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}
+    return {**params, "layers": per_layer}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def cross_entropy_loss(logits: Array, targets: Array, mask: Array | None = None,
+                       z_loss: float = 0.0) -> tuple[Array, dict[str, Array]]:
+    """Mean token cross-entropy (+ z_loss * log(Z)^2) in float32 over `mask`ed tokens.
+
+    Returns (loss, aux) with aux = {nll, z_loss, accuracy, num_tokens}.
+    """
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    # One-hot keeps the target gather local when the vocab axis is sharded.
+    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1],
+                                                   dtype=jnp.float32), axis=-1)
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    num_tokens = mask.sum()
+    denom = jnp.maximum(num_tokens, 1.0)
+    nll = jnp.sum((log_z - target_logit) * mask) / denom
+    z_term = z_loss * jnp.sum(jnp.square(log_z) * mask) / denom
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * mask) / denom
+    aux = {"nll": nll, "z_loss": z_term, "accuracy": accuracy, "num_tokens": num_tokens}
+    return nll + z_term, aux
+
+
+def matmul_params(cfg: DecoderConfig) -> int:
+    """Parameters used in matmuls: all projections and the output head, not the lookup."""
+    d, q = cfg.d_model, cfg.head_dim
+    attention = 2 * d * cfg.num_heads * q + 2 * d * cfg.num_kv_heads * q
+    per_layer = attention + 3 * d * cfg.ffn_dim
+    return cfg.num_layers * per_layer + d * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
+    """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM, appendix B; causal not halved)."""
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return float(6 * matmul_params(cfg) + attention)

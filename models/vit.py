@@ -1,0 +1,409 @@
+"""Vision Transformer (Dosovitskiy et al., 2021, arXiv:2010.11929) in Flax NNX.
+
+Layout follows the original paper: patch embedding, optional class token, learned
+(or fixed 2-D sin-cos) position embedding, pre-LayerNorm encoder blocks, final
+LayerNorm and a linear classifier. Every parameter carries logical axis names from
+`models.partitioning`; build and call the model inside
+`models.partitioning.sharding_context(mesh_or_None)`.
+
+With `scan_layers=True` the encoder blocks are stacked along a leading 'layers'
+axis and applied with `nnx.scan`; `stack_blocks` / `unstack_blocks` convert
+parameters between the two layouts (see `copy_params`).
+
+The model's state is parameters only: dropout takes a PRNG key at call time
+(`model(images, train=True, dropout_rng=key)`), split per layer identically in
+both layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.partitioning import constrain
+
+Dtype = Any
+
+# name: (width, depth, mlp_dim, num_heads)
+VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
+}
+
+_ACT = ("act_batch", "act_length", "act_embed")
+_LAYERS = {nnx.PARTITION_NAME: "layers"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Hyper-parameters of a ViT; defaults are B/16 at 224 px with 1000 classes."""
+
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int = 3072
+    num_heads: int = 12
+    patch_size: int = 16
+    image_size: int = 224
+    num_classes: int = 1000
+    channels: int = 3
+    pool_type: str = "tok"  # 'tok' (class token) | 'gap' (global average pool)
+    posemb: str = "learn"  # 'learn' | 'sincos2d'
+    dropout: float = 0.0
+    head_zero_init: bool = True
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32  # compute dtype
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"  # 'none' | 'full' | 'save_dots'
+
+    def __post_init__(self):
+        _check_choice("pool_type", self.pool_type, ("tok", "gap"))
+        _check_choice("posemb", self.posemb, ("learn", "sincos2d"))
+        _check_choice("remat", self.remat, ("none", "full", "save_dots"))
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}."
+            )
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
+        if self.posemb == "sincos2d" and self.width % 4:
+            raise ValueError(f"sincos2d posemb needs width divisible by 4, got {self.width}.")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per image side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens seen by the encoder (patches plus the class token, if any)."""
+        return self.num_patches + (self.pool_type == "tok")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def vit_config(variant: str, **overrides: Any) -> ViTConfig:
+    """Config for a named variant '<size>/<patch>' (e.g. 'B/16', 'S/8'); overrides win."""
+    size, _, patch = variant.partition("/")
+    if size not in VIT_SIZES or not patch.isdigit() or int(patch) < 1:
+        raise ValueError(
+            f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' with size in "
+            f"{sorted(VIT_SIZES)} and an integer patch, e.g. 'B/16'."
+        )
+    width, depth, mlp_dim, num_heads = VIT_SIZES[size]
+    fields = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+                  patch_size=int(patch))
+    return ViTConfig(**(fields | overrides))
+
+
+# ----------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------
+
+
+def _sharded(init, *names: str | None):
+    """`init` annotated with logical axis names (one per parameter dimension)."""
+    return nnx.with_partitioning(init, names)
+
+
+_BIAS_INIT = nnx.initializers.normal(stddev=1e-6)
+
+
+def posemb_sincos_2d(grid_size: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding, shape (grid_size**2, width), row-major.
+
+    A quarter of the channels each holds sin(x), cos(x), sin(y), cos(y) at
+    geometrically spaced frequencies from 1 down to 1 / temperature.
+    """
+    quarter = width // 4
+    freqs = temperature ** -(np.arange(quarter) / max(quarter - 1, 1))
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    x_angles = cols.reshape(-1, 1) * freqs
+    y_angles = rows.reshape(-1, 1) * freqs
+    parts = [np.sin(x_angles), np.cos(x_angles), np.sin(y_angles), np.cos(y_angles)]
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when `rng` is None (evaluation) or `rate` is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _split(rng: jax.Array | None, num: int) -> list[jax.Array | None]:
+    return [None] * num if rng is None else list(jax.random.split(rng, num))
+
+
+def _layer_norm(cfg: ViTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        cfg.width, epsilon=1e-6, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        scale_init=_sharded(nnx.initializers.ones_init(), "embed"),
+        bias_init=_sharded(nnx.initializers.zeros_init(), "embed"),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention; scores and softmax in float32."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        heads = (cfg.num_heads, cfg.head_dim)
+        # Xavier over (embed) -> (heads * head_dim): LinearGeneral inits the flat kernel.
+        proj = dict(
+            in_features=cfg.width, out_features=heads, use_bias=cfg.qkv_bias,
+            kernel_init=_sharded(nnx.initializers.xavier_uniform(), "embed", "heads", "head_dim"),
+            bias_init=_sharded(_BIAS_INIT, "heads", "head_dim"),
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+        )
+        self.query = nnx.LinearGeneral(**proj)
+        self.key = nnx.LinearGeneral(**proj)
+        self.value = nnx.LinearGeneral(**proj)
+        self.out = nnx.LinearGeneral(
+            in_features=heads, out_features=cfg.width, axis=(-2, -1),
+            kernel_init=_sharded(nnx.initializers.xavier_uniform(), "heads", "head_dim", "embed"),
+            bias_init=_sharded(_BIAS_INIT, "embed"),
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        names = ("act_batch", "act_length", "act_heads", None)
+        q = self.query(x)
+        q = constrain(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), names)
+        k = constrain(self.key(x), names)
+        v = constrain(self.value(x), names)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        mixed = constrain(jnp.einsum("bhqk,bkhd->bqhd", weights, v), names)
+        return self.out(mixed)
+
+
+class MlpBlock(nnx.Module):
+    """Dense -> GELU -> dropout -> Dense."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        xavier = nnx.initializers.xavier_uniform()
+        self.fc1 = nnx.Linear(
+            cfg.width, cfg.mlp_dim, kernel_init=_sharded(xavier, "embed", "mlp"),
+            bias_init=_sharded(_BIAS_INIT, "mlp"), **common)
+        self.fc2 = nnx.Linear(
+            cfg.mlp_dim, cfg.width, kernel_init=_sharded(xavier, "mlp", "embed"),
+            bias_init=_sharded(_BIAS_INIT, "embed"), **common)
+        self.dropout = cfg.dropout
+
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        h = jax.nn.gelu(self.fc1(x))
+        h = constrain(h, ("act_batch", "act_length", "act_mlp"))
+        return self.fc2(_dropout(h, self.dropout, dropout_rng))
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-LN residual block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.norm1 = _layer_norm(cfg, rngs)
+        self.attention = Attention(cfg, rngs=rngs)
+        self.norm2 = _layer_norm(cfg, rngs)
+        self.mlp = MlpBlock(cfg, rngs=rngs)
+        self.dropout = cfg.dropout
+
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """`dropout_rng`: PRNG key in training, None for evaluation."""
+        attn_rng, hidden_rng, mlp_rng = _split(dropout_rng, 3)
+        x = x + _dropout(self.attention(self.norm1(x)), self.dropout, attn_rng)
+        x = x + _dropout(self.mlp(self.norm2(x), hidden_rng), self.dropout, mlp_rng)
+        return constrain(x, _ACT)
+
+
+def _block_step(remat: str, in_scan: bool):
+    """`(block, x, dropout_rng) -> x`, rematerialised as configured."""
+
+    def step(block: EncoderBlock, x: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+        return block(x, dropout_rng)
+
+    if remat == "none":
+        return step
+    policies = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    policy = policies[remat]
+    # Inside scan the loop already stops CSE across the boundary; outside it must not.
+    return nnx.remat(step, policy=policy, prevent_cse=not in_scan)
+
+
+class Encoder(nnx.Module):
+    """`depth` encoder blocks (a list, or one stacked block when scanned) + final LN."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.scan_layers = cfg.scan_layers
+        self.remat = cfg.remat
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.depth)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS)
+            def stacked_blocks(rngs: nnx.Rngs) -> EncoderBlock:
+                return EncoderBlock(cfg, rngs=rngs)
+
+            self.blocks = stacked_blocks(rngs)
+        else:
+            self.blocks = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.norm = _layer_norm(cfg, rngs)
+
+    def __call__(self, x: jax.Array, dropout_rngs: jax.Array | None = None) -> jax.Array:
+        """`dropout_rngs`: one PRNG key per block (shape (depth,)) in training, else None."""
+        step = _block_step(self.remat, in_scan=self.scan_layers)
+        if self.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=_LAYERS)
+            def run_layers(block: EncoderBlock, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+                return step(block, x, rng)
+
+            x = run_layers(self.blocks, x, dropout_rngs)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = step(block, x, None if dropout_rngs is None else dropout_rngs[i])
+        return self.norm(x)
+
+
+class ViT(nnx.Module):
+    """Vision Transformer classifier: NHWC images -> float32 logits."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        p = cfg.patch_size
+        self.patch_embed = nnx.Conv(
+            cfg.channels, cfg.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
+            kernel_init=_sharded(
+                nnx.initializers.lecun_normal(), "patch", "patch", "channels", "embed"),
+            bias_init=_sharded(nnx.initializers.zeros_init(), "embed"),
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+        )
+        if cfg.pool_type == "tok":
+            init = _sharded(nnx.initializers.zeros_init(), None, None, "embed")
+            self.cls_token = nnx.Param(init(rngs.params(), (1, 1, cfg.width), cfg.param_dtype))
+        if cfg.posemb == "learn":
+            # Original layout: the learned table also covers the class-token position.
+            init = _sharded(nnx.initializers.normal(cfg.width**-0.5), None, "posemb", "embed")
+            shape = (1, cfg.seq_len, cfg.width)
+            self.posemb = nnx.Param(init(rngs.params(), shape, cfg.param_dtype))
+        self.encoder = Encoder(cfg, rngs=rngs)
+        head_init = (nnx.initializers.zeros_init() if cfg.head_zero_init
+                     else nnx.initializers.lecun_normal())
+        self.head = nnx.Linear(
+            cfg.width, cfg.num_classes,
+            kernel_init=_sharded(head_init, "embed", "classes"),
+            bias_init=_sharded(nnx.initializers.zeros_init(), "classes"),
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+        )
+
+    def embed(self, images: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Images (B, H, W, C) -> token sequence (B, seq_len, width)."""
+        cfg = self.cfg
+        x = self.patch_embed(images.astype(cfg.dtype))
+        x = x.reshape(x.shape[0], -1, cfg.width)
+        if cfg.posemb == "sincos2d":  # patches only; the class token gets no position
+            x = x + jnp.asarray(posemb_sincos_2d(cfg.grid_size, cfg.width), cfg.dtype)
+        if cfg.pool_type == "tok":
+            cls = self.cls_token[...].astype(cfg.dtype)
+            cls = jnp.broadcast_to(cls, (x.shape[0], 1, cfg.width))
+            x = jnp.concatenate([cls, x], axis=1)
+        if cfg.posemb == "learn":
+            x = x + self.posemb[...].astype(cfg.dtype)
+        x = _dropout(x, cfg.dropout, dropout_rng)
+        return constrain(x, _ACT)
+
+    def __call__(
+        self, images: jax.Array, *, train: bool = False, dropout_rng: jax.Array | None = None
+    ) -> jax.Array:
+        """Logits (B, num_classes) in float32 for NHWC `images`.
+
+        With `train=True` and `cfg.dropout > 0`, `dropout_rng` (a PRNG key) is required;
+        the model holds no RNG state, so its state is parameters only.
+        """
+        rng = None
+        if train and self.cfg.dropout > 0:
+            if dropout_rng is None:
+                raise ValueError("ViT with dropout > 0 needs `dropout_rng` when train=True.")
+            rng = dropout_rng
+        embed_rng, layers_rng = _split(rng, 2)
+        layer_rngs = None if layers_rng is None else jax.random.split(layers_rng, self.cfg.depth)
+        x = self.encoder(self.embed(images, embed_rng), layer_rngs)
+        pooled = x[:, 0] if self.cfg.pool_type == "tok" else x.mean(axis=1)
+        return self.head(pooled).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------
+# Layout conversion and accounting
+# ----------------------------------------------------------------------------------
+
+
+def stack_blocks(params: dict) -> dict:
+    """Pure param dict of an unrolled ViT -> the scanned layout (leading 'layers' axis)."""
+    blocks = params["encoder"]["blocks"]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[i] for i in range(len(blocks))))
+    return {**params, "encoder": {**params["encoder"], "blocks": stacked}}
+
+
+def unstack_blocks(params: dict) -> dict:
+    """Pure param dict of a scanned ViT -> the unrolled layout (one entry per block)."""
+    stacked = params["encoder"]["blocks"]
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    blocks = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)}
+    return {**params, "encoder": {**params["encoder"], "blocks": blocks}}
+
+
+def copy_params(source: ViT, target: ViT) -> None:
+    """Copies `source`'s parameters into `target` in place, restacking blocks if needed.
+
+    Both models must share every setting except `scan_layers`, `remat` and `dtype`.
+    """
+    params = nnx.to_pure_dict(nnx.state(source, nnx.Param))
+    if target.cfg.scan_layers and not source.cfg.scan_layers:
+        params = stack_blocks(params)
+    elif source.cfg.scan_layers and not target.cfg.scan_layers:
+        params = unstack_blocks(params)
+    state = nnx.state(target, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(target, state)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of scalars in the `nnx.Param`s of a model (abstract or concrete)."""
+    state = nnx.state(model, nnx.Param)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+def train_flops_per_image(cfg: ViTConfig) -> float:
+    """Matmul FLOPs of one training step per image: 3 x forward, 2 FLOPs per MAC.
+
+    Counts the patch embedding, q/k/v/out projections, attention scores and the
+    weighted sum, the MLP and the head; norms, softmax and GELU are ignored.
+    """
+    n, w = cfg.seq_len, cfg.width
+    patch_embed = cfg.num_patches * cfg.patch_size**2 * cfg.channels * w
+    per_block = 4 * n * w * w + 2 * n * n * w + 2 * n * w * cfg.mlp_dim
+    head = w * cfg.num_classes
+    forward_macs = patch_embed + cfg.depth * per_block + head
+    return 3.0 * 2.0 * forward_macs

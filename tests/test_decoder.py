@@ -1,0 +1,238 @@
+"""Tests for the decoder-only LM (models/decoder.py) and its generation loop."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
+
+from models import partitioning
+from models.decoder import (
+    Decoder,
+    cross_entropy_loss,
+    decoder_config,
+    stack_layer_params,
+    train_flops_per_token,
+    unstack_layer_params,
+)
+from models.generate import generate
+
+
+def build(cfg, seed=0):
+    with partitioning.sharding_context(None):
+        return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def forward(model, tokens):
+    with partitioning.sharding_context(None):
+        return model(tokens)
+
+
+def param_count(cfg) -> int:
+    with partitioning.sharding_context(None):
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def random_tokens(seed, shape, vocab=256):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_forward_shapes_and_dtypes(scan_layers):
+    cfg = decoder_config("tiny", scan_layers=scan_layers)
+    model = build(cfg)
+    logits = forward(model, random_tokens(0, (2, 8)))
+    assert logits.shape == (2, 8, cfg.vocab_size)
+    assert logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    params = nnx.state(model, nnx.Param)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    if scan_layers:
+        assert params["layers"]["attn"]["query"][...].shape == (2, 64, 4, 16)
+        assert params["layers"]["attn"]["key"][...].shape == (2, 64, 2, 16)
+
+
+@pytest.mark.parametrize(
+    "size, expected", [("1b", 1_100_048_384), ("7b", 6_738_415_616), ("8b", 8_030_261_248)]
+)
+def test_published_param_counts(size, expected):
+    assert param_count(decoder_config(size)) == expected
+
+
+def test_unknown_size_raises():
+    with pytest.raises(ValueError, match="unknown decoder size 'huge'"):
+        decoder_config("huge")
+
+
+def test_tied_embeddings_drop_output_projection():
+    untied, tied = decoder_config("tiny"), decoder_config("tiny", tie_embeddings=True)
+    assert param_count(untied) - param_count(tied) == untied.d_model * untied.vocab_size
+    assert not hasattr(build(tied), "lm_head")
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_causal_mask(scan_layers):
+    model = build(decoder_config("tiny", scan_layers=scan_layers))
+    tokens = random_tokens(1, (2, 12))
+    cut = 5
+    changed = tokens.at[:, cut + 1:].set((tokens[:, cut + 1:] + 7) % 256)
+    before, after = forward(model, tokens), forward(model, changed)
+    np.testing.assert_allclose(before[:, :cut + 1], after[:, :cut + 1], atol=1e-6, rtol=0)
+    assert float(jnp.abs(before[:, cut + 1:] - after[:, cut + 1:]).max()) > 1e-3
+
+
+def test_scanned_matches_unrolled():
+    unrolled = build(decoder_config("tiny", scan_layers=False), seed=0)
+    scanned = build(decoder_config("tiny", scan_layers=True), seed=1)
+    unrolled_params = nnx.state(unrolled, nnx.Param).to_pure_dict()
+    state = nnx.state(scanned, nnx.Param)
+    nnx.replace_by_pure_dict(state, stack_layer_params(unrolled_params))
+    nnx.update(scanned, state)
+
+    tokens = random_tokens(2, (2, 10))
+    np.testing.assert_allclose(forward(scanned, tokens), forward(unrolled, tokens),
+                               atol=1e-5, rtol=1e-5)
+    roundtrip = unstack_layer_params(nnx.state(scanned, nnx.Param).to_pure_dict())
+    jax.tree.map(np.testing.assert_array_equal, roundtrip, unrolled_params)
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_keeps_loss_and_grads(remat):
+    tokens = random_tokens(3, (2, 8))
+
+    def loss_and_grads(cfg):
+        model = build(cfg)
+        with partitioning.sharding_context(None):
+            return nnx.value_and_grad(
+                lambda m: cross_entropy_loss(m(tokens), tokens)[0])(model)
+
+    base_loss, base_grads = loss_and_grads(decoder_config("tiny"))
+    loss, grads = loss_and_grads(decoder_config("tiny", remat=remat))
+    np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                 nnx.to_pure_dict(grads), nnx.to_pure_dict(base_grads))
+
+
+def test_sharded_forward_matches_single_device():
+    cfg = decoder_config("tiny")
+    tokens = random_tokens(4, (4, 8))
+    reference = forward(build(cfg), tokens)
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(AxisType.Auto,) * 3)
+    with partitioning.sharding_context(mesh):
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract)
+        shardings = partitioning.state_shardings(abstract_state, mesh)
+
+        def init():
+            return nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)))
+
+        state = jax.jit(init, out_shardings=shardings)()
+        logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+
+    params = nnx.to_pure_dict(state)
+    assert params["embed"].sharding.spec == P("tensor", "fsdp")
+    assert params["lm_head"].sharding.spec == P("fsdp", "tensor")
+    query = params["layers"]["attn"]["query"]
+    assert query.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert query.addressable_shards[0].data.shape == (2, 32, 2, 16)
+    assert params["layers"]["mlp"]["down"].sharding.spec == P(None, "tensor", "fsdp")
+    np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_compute_returns_float32_logits():
+    cfg32 = decoder_config("tiny")
+    cfg16 = dataclasses.replace(cfg32, dtype=jnp.bfloat16)
+    tokens = random_tokens(5, (2, 8))
+    model16 = build(cfg16)
+    logits16, logits32 = forward(model16, tokens), forward(build(cfg32), tokens)
+    assert logits16.dtype == jnp.float32
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model16, nnx.Param))} == {
+        jnp.dtype(jnp.float32)}
+    assert float(jnp.abs(logits16 - logits32).max()) < 0.1
+    assert not np.array_equal(logits16, logits32)
+
+
+def test_attn_logit_softcap_only_when_enabled():
+    tokens = random_tokens(6, (2, 8))
+    assert decoder_config("tiny").attn_logit_softcap is None
+    plain = forward(build(decoder_config("tiny")), tokens)
+    capped = forward(build(decoder_config("tiny", attn_logit_softcap=0.5)), tokens)
+    loose = forward(build(decoder_config("tiny", attn_logit_softcap=1e6)), tokens)
+    assert float(jnp.abs(capped - plain).max()) > 1e-3
+    np.testing.assert_allclose(loose, plain, atol=1e-5)
+
+
+def greedy_by_recompute(model, prompt, steps):
+    tokens = prompt
+    for _ in range(steps):
+        next_token = jnp.argmax(forward(model, tokens)[:, -1], axis=-1).astype(jnp.int32)
+        tokens = jnp.concatenate([tokens, next_token[:, None]], axis=1)
+    return tokens
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_generate_with_cache_matches_full_recompute(scan_layers):
+    model = build(decoder_config("tiny", scan_layers=scan_layers))
+    prompt = random_tokens(7, (2, 5))
+    with partitioning.sharding_context(None):
+        cached = generate(model, prompt, steps=6, temperature=0.0, rng=None)
+    assert cached.shape == (2, 11) and cached.dtype == jnp.int32
+    np.testing.assert_array_equal(cached, greedy_by_recompute(model, prompt, 6))
+
+
+def test_generate_sampling_is_seeded():
+    model = build(decoder_config("tiny"))
+    prompt = random_tokens(8, (2, 4))
+    with partitioning.sharding_context(None):
+        first = generate(model, prompt, 8, temperature=1.0, rng=jax.random.key(1))
+        again = generate(model, prompt, 8, temperature=1.0, rng=jax.random.key(1))
+        other = generate(model, prompt, 8, temperature=1.0, rng=jax.random.key(2))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    np.testing.assert_array_equal(first[:, :4], prompt)
+    assert int(first.min()) >= 0 and int(first.max()) < 256
+
+
+def test_cross_entropy_loss_matches_optax():
+    logits = jax.random.normal(jax.random.key(9), (2, 6, 256)) * 3
+    targets = random_tokens(10, (2, 6))
+    mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    expected = (per_token * mask).sum() / mask.sum()
+    expected_z = 1e-3 * (log_z ** 2 * mask).sum() / mask.sum()
+
+    loss, aux = cross_entropy_loss(logits.astype(jnp.bfloat16), targets, mask, z_loss=1e-3)
+    assert loss.dtype == jnp.float32
+    loss, aux = cross_entropy_loss(logits, targets, mask, z_loss=1e-3)
+    np.testing.assert_allclose(aux["nll"], expected, rtol=1e-6)
+    np.testing.assert_allclose(aux["z_loss"], expected_z, rtol=1e-5)
+    np.testing.assert_allclose(loss, expected + expected_z, rtol=1e-6)
+    assert int(aux["num_tokens"]) == 10
+
+
+def test_train_flops_per_token_matches_xla_cost_analysis():
+    cfg = decoder_config("tiny", d_model=128, num_heads=4, num_kv_heads=2, ffn_dim=512,
+                         scan_layers=False)
+    batch, seq = 2, 64
+    with partitioning.sharding_context(None):
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+
+        def loss_fn(params, tokens):
+            logits = nnx.merge(graphdef, params)(tokens)
+            return cross_entropy_loss(logits, tokens)[0]
+
+        tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+        compiled = jax.jit(jax.grad(loss_fn)).lower(params, tokens).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    measured = cost["flops"] / (batch * seq)
+    predicted = train_flops_per_token(cfg, seq)
+    assert abs(measured / predicted - 1) < 0.10, (measured, predicted)

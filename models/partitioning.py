@@ -111,16 +111,28 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=None):
     """NamedShardings for an `nnx.State` of (abstract) Variables carrying logical names.
 
-    Variables without a sharding annotation are replicated.
+    Variables without a sharding annotation are replicated, and so is any dimension
+    whose size the mapped mesh axes do not divide (e.g. a 257-entry vocabulary on a
+    2-way `tensor` axis), so every model fits every mesh.
     """
     from flax import nnx
+
+    def divisible(spec: PartitionSpec, shape) -> PartitionSpec:
+        out = []
+        for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = 1
+            for name in names:
+                ways *= mesh.shape[name]
+            out.append(axes if dim % ways == 0 else None)
+        return PartitionSpec(*out)
 
     def one(v):
         if isinstance(v, nnx.Variable):
             names = v.get_metadata().get("out_sharding")
             if names:
                 spec = logical_to_spec(names, rules, mesh.axis_names)
-                return NamedSharding(mesh, spec)
+                return NamedSharding(mesh, divisible(spec, v.shape))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda v: isinstance(v, nnx.Variable))

@@ -8,3 +8,5 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 # libtpu (from the `tpu` extra) must never try to open a chip during tests.
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")
+# Compile-only use of libtpu: several processes may load it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -1,0 +1,41 @@
+"""Fields shared by every training config (see configs/vit.py and configs/lm.py)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_steps = 1000
+    c.batch_size = 128  # global, across all processes
+    c.grad_accum_steps = 1
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    # ICI axis sizes (-1 = fill with the remaining devices) and DCN (multi-slice) sizes.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    # Logical-axis rules overriding models.partitioning.DEFAULT_RULES, e.g.
+    # (("embed", "fsdp"), ("mlp", "tensor"), ...); empty = the defaults.
+    c.sharding_rules = ()
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="lion",
+        schedule="cosine",
+        warmup_steps=100,
+        end_lr_fraction=0.0,
+        grad_clip_norm=1.0,
+        decay_embeddings=True,
+    ))
+    return c
+
+
+def lion(lr: float, wd: float, b1: float = 0.9, b2: float = 0.99, mu_dtype: str = "bfloat16"):
+    return ml_collections.ConfigDict(dict(learning_rate=lr, weight_decay=wd, b1=b1, b2=b2, mu_dtype=mu_dtype))
+
+
+def adamw(lr: float, wd: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6):
+    return ml_collections.ConfigDict(dict(learning_rate=lr, weight_decay=wd, b1=b1, b2=b2, eps=eps))
+
+
+def adafactor(lr: float, wd: float):
+    return ml_collections.ConfigDict(dict(learning_rate=lr, weight_decay=wd))

@@ -1,0 +1,76 @@
+"""train.aot: the real train step compiled for TPU topologies on this CPU (libtpu)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import lm as lm_configs
+from configs import vit as vit_configs
+
+pytest.importorskip("libtpu", reason="the `tpu` extra (libtpu) is part of the test install")
+
+from train import aot  # noqa: E402
+from train.errors import ConfigError  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 2**30
+
+
+def test_vit_b16_on_v4_report_and_lion_halves_adamw_state():
+    config = vit_configs.get_config("B/16")
+    config.batch_size, config.model.remat = 64, "full"
+    report = aot.compile_report(config, "v4:2x2x1")
+    assert report["chips"] == 4 and report["device_kind"] == "TPU v4"
+    assert report["params"] == 86_567_656
+    assert report["fits"] and 0 < report["total_bytes_per_chip"] <= 30.75 * GiB
+    # Parameters are replicated over the 4-way data axis: full fp32 copy per chip.
+    assert report["params_bytes_per_chip"] == 4 * 86_567_656
+    assert report["optimizer_state_bytes_per_chip"] == pytest.approx(2 * 86_567_656, rel=1e-3)
+    assert 0 < report["roofline_mfu"] <= 1 and report["roofline_step_seconds"] > 0
+    # Full remat recomputes the forward: XLA's FLOPs exceed the 3x-forward model count.
+    xla_total = report["xla_flops_per_chip"] * report["chips"]
+    assert 1.0 < xla_total / report["flops_per_step"] < 1.6
+
+    config.optimizer.name = "adamw"
+    mesh = aot.mesh_lib.make_mesh(config.mesh, aot.topology_devices("v4:2x2x1")[0])
+    _, state, _ = aot._lowered_train_step(config, mesh)
+    assert aot._shard_bytes(state.opt_state) == pytest.approx(8 * 86_567_656, rel=1e-3)
+
+
+def test_lm_1b_on_v5e_fsdp_report():
+    config = lm_configs.get_config("1b")
+    config.batch_size, config.data.seq_len, config.model.max_seq_len = 8, 256, 256
+    report = aot.compile_report(config, "v5e:2x2")
+    assert report["params"] == 1_100_048_384
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    # fsdp shards every matrix 4 ways (the 2048-wide norms too): a quarter per chip.
+    assert report["params_bytes_per_chip"] == pytest.approx(4 * 1_100_048_384 / 4, rel=1e-3)
+    assert report["optimizer_state_bytes_per_chip"] == pytest.approx(2 * 1_100_048_384 / 4, rel=1e-3)
+    assert report["fits"] and report["total_bytes_per_chip"] < 16 * GiB
+    assert report["hbm_bytes_per_step_per_chip"] > report["params_bytes_per_chip"]
+
+
+def _aot_cli(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "train.aot", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_exit_codes():
+    bad = _aot_cli("--config=configs/lm.py:1b", "--topology=v9:2x2")
+    assert bad.returncode == 2 and "unknown TPU topology 'v9:2x2'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    # 8B fp32 weights + Lion state + grads cannot fit four 16 GiB chips.
+    nofit = _aot_cli("--config=configs/lm.py:8b", "--topology=v5e:2x2", "--json",
+                     "--config.batch_size=4", "--config.data.seq_len=256", "--config.model.max_seq_len=256")
+    assert nofit.returncode == 1, nofit.stderr[-2000:]
+    report = json.loads(nofit.stdout)
+    assert report["fits"] is False and report["params"] == 8_030_261_248
+
+
+def test_unknown_topology_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown TPU topology"):
+        aot.topology_devices("v4:2x2x2x2")

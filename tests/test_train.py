@@ -1,0 +1,192 @@
+"""The trainer end to end on tiny configs: both families learn, resume is exact, mesh
+layouts agree, bad input fails with one line, and two processes train together."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import lm as lm_configs
+from configs import vit as vit_configs
+from train import mesh as mesh_lib
+from train import trainer
+from train.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_lm(**overrides):
+    c = lm_configs.get_config("demo")
+    c.model.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64, max_seq_len=64))
+    c.data.seq_len = 32
+    c.data.eval_max_batches = 2
+    c.update(dict(num_steps=6, batch_size=16, log_every=1, eval_every=0, checkpoint_every=3,
+                  sample_steps=0))
+    c.optimizer.update(dict(schedule="constant", warmup_steps=0))
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+def tiny_vit(**overrides):
+    c = vit_configs.get_config("demo")
+    c.model.update(dict(width=32, depth=2, mlp_dim=64, num_heads=2))
+    c.update(dict(num_steps=4, batch_size=16, log_every=1, eval_every=4, checkpoint_every=4))
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(workdir):
+    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+def test_lm_trains_resumes_exactly_and_logs(tmp_path):
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    last = trainer.run(tiny_lm(), full)
+    assert last["tokens_per_sec"] > 0 and 0 < last["mfu"] < 1
+    losses = train_losses(full)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1]
+    record = read_metrics(full)[-1]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(record)
+    assert sorted(os.listdir(os.path.join(full, "checkpoints"))) == ["3", "6"]
+    assert os.listdir(os.path.join(full, "tb"))
+
+    # Same run, stopped after step 3 (its checkpoint), then resumed by the same command.
+    trainer.run(tiny_lm(**{"num_steps": 3}), split)
+    trainer.run(tiny_lm(), split)
+    resumed = train_losses(split)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == losses[step], step  # bitwise: same data, rng and state
+
+
+def test_vit_demo_path_trains_and_evaluates(tmp_path):
+    last = trainer.run(tiny_vit(), str(tmp_path))
+    assert 0 <= last["eval_accuracy"] <= 1 and last["examples_per_sec"] > 0
+    evals = [m for m in read_metrics(str(tmp_path)) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [4]
+
+
+@pytest.mark.parametrize("mesh", [
+    {"data": 2, "fsdp": 4, "tensor": 1},
+    {"data": 1, "fsdp": 4, "tensor": 2},
+])
+def test_mesh_layouts_give_the_same_losses(tmp_path, mesh):
+    base = train_losses_of(tmp_path / "data8", {"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1})
+    other = train_losses_of(tmp_path / "other", {f"mesh.{k}": v for k, v in mesh.items()})
+    for step in base:
+        np.testing.assert_allclose(other[step], base[step], rtol=0, atol=1e-5)
+
+
+_BASE_LOSSES = {}
+
+
+def train_losses_of(workdir, overrides):
+    key = tuple(sorted(overrides.items()))
+    if key not in _BASE_LOSSES:
+        trainer.run(tiny_lm(**{"num_steps": 3, "checkpoint_every": 100, **overrides}), str(workdir))
+        _BASE_LOSSES[key] = train_losses(str(workdir))
+    return _BASE_LOSSES[key]
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    one = train_losses_of(tmp_path / "accum1", {"mesh.data": 8})
+    two = train_losses_of(tmp_path / "accum2", {"mesh.data": 8, "grad_accum_steps": 2})
+    for step in one:
+        np.testing.assert_allclose(two[step], one[step], rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("mesh_cfg, message", [
+    ({"data": 3, "fsdp": 1, "tensor": 1}, "3 devices, but 8 are available"),
+    ({"data": -1, "fsdp": -1, "tensor": 1}, "at most one axis may be -1"),
+    ({"data": -1, "fsdp": 3, "tensor": 1}, "not divisible by 3"),
+    ({"data": 0, "fsdp": 1, "tensor": 1}, "positive integer or -1"),
+    ({"data": -1, "expert": 2}, "unknown axis 'expert'"),
+])
+def test_bad_mesh_is_one_clear_error(mesh_cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        mesh_lib.make_mesh(mesh_cfg)
+
+
+def test_batch_not_divisible_by_data_parallel_size():
+    mesh = mesh_lib.make_mesh({"data": 8})
+    with pytest.raises(ConfigError, match="not divisible by the data-parallel size"):
+        mesh_lib.check_batch(12, 1, mesh, 1)
+    with pytest.raises(ConfigError, match="grad_accum_steps"):
+        mesh_lib.check_batch(16, 3, mesh, 1)
+
+
+def _cli(*args, env=None, timeout=120):
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/lm.py:demo", "--config.no_such_key=1"], "no_such_key"),
+    (["--config=configs/lm.py:demo", "--config.num_steps=abc"], "num_steps"),
+    (["--config=configs/lm.py:huge"], "unknown variant 'huge'"),
+    (["--config=configs/lm.py:demo", "--config.mesh.data=3"], "3 devices, but"),
+    (["--config=configs/lm.py:demo", "--config.optimizer.name=sgd"], "optimizer.name must be one of"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    workdir = tmp_path / "wd"
+    result = _cli(*args, f"--workdir={workdir}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- 2 processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(workdir, num_steps):
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    args = ["--config=configs/lm.py:demo", f"--workdir={workdir}",
+            "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=4",
+            "--config.model.num_kv_heads=2", "--config.model.ffn_dim=64", "--config.model.max_seq_len=64",
+            "--config.data.seq_len=32", "--config.batch_size=16", f"--config.num_steps={num_steps}",
+            "--config.log_every=1", "--config.eval_every=0", "--config.checkpoint_every=2",
+            "--config.sample_steps=0", "--config.optimizer.schedule=constant",
+            "--config.optimizer.warmup_steps=0", f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+    procs = [subprocess.Popen([sys.executable, "-m", "train", *args, f"--process_id={i}"], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+
+
+def test_two_processes_train_save_and_resume(tmp_path):
+    multi = tmp_path / "multi"
+    _two_processes(multi, num_steps=2)
+    assert sorted(os.listdir(multi / "checkpoints")) == ["2"]
+    _two_processes(multi, num_steps=4)
+    losses = train_losses(str(multi))
+    assert sorted(losses) == [1, 2, 3, 4]
+    # One process with the same 8 devices sees the same global batches and math.
+    single = train_losses_of(tmp_path / "single", {"mesh.data": 8, "num_steps": 4})
+    for step in losses:
+        np.testing.assert_allclose(losses[step], single[step], rtol=0, atol=1e-5)

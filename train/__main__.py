@@ -1,0 +1,35 @@
+"""`python -m train --config=configs/<file>.py:<variant> --workdir=DIR [--config.key=value ...]`
+
+Trains (or resumes) per the config. Bad flags or config values print one `error:` line
+and exit with code 2 before anything is compiled.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from train import cli
+from train.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: configs/<file>.py:<variant>.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs off TPU pods).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # keep orbax/grain INFO chatter off the console
+    from train import distributed, trainer
+
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        trainer.run(_CONFIG.value, _WORKDIR.value)
+    except UserError as e:
+        cli.fail(str(e))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.flags_parser("config", "workdir"))

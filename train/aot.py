@@ -1,0 +1,203 @@
+"""Compile the real train step for a TPU topology on this CPU and report memory and speed.
+
+    python -m train.aot --config=configs/vit.py:B/16 --topology=v4:2x2x2 [--json]
+
+Needs libtpu (`pip install -e '.[tpu]'`); nothing touches a chip. Prints parameters,
+per-chip bytes of params / optimizer state / temporaries / total against the chip's HBM,
+whether it fits, FLOPs per step, and a roofline estimate of step time and MFU. Exits 1
+when the step does not fit, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")  # libtpu must not open a chip
+# Compile-only use of libtpu: several processes may load it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from models import partitioning  # noqa: E402
+from train import cli, hardware, optim, steps, tasks  # noqa: E402
+from train import mesh as mesh_lib  # noqa: E402
+from train.errors import ConfigError, UserError  # noqa: E402
+
+_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+
+
+def topology_devices(topology: str):
+    """(devices, Chip) of a TPU slice like 'v4:2x2x2' or 'v5e:4x4' (one device per chip)."""
+    match = _TOPOLOGY.match(topology)
+    if not match:
+        raise ConfigError(
+            f"unknown TPU topology {topology!r}; expected e.g. v4:2x2x2, v5e:4x4, v5p:2x2x2, v6e:2x2")
+    chip = hardware.CHIPS[match.group(1)]
+    from jax.experimental import topologies
+
+    kwargs = {"chip_config_name": "megacore"} if chip.megacore else {}
+    dims = [int(d) for d in match.group(2).split("x")]
+    try:
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
+    except Exception:
+        # Slices smaller than one host need the host bounds spelled out.
+        bounds = (dims + [1, 1, 1])[:3]
+        try:
+            desc = topologies.get_topology_desc(
+                topology_name=topology, platform="tpu", chips_per_host_bounds=bounds, **kwargs)
+        except Exception as e:
+            raise ConfigError(f"cannot build TPU topology {topology!r}: {str(e).splitlines()[0]}") from None
+    return list(desc.devices), chip
+
+
+def _shard_bytes(abstract_tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (max over devices)."""
+    total = 0
+    for leaf in jax.tree.leaves(abstract_tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _lowered_train_step(config, mesh):
+    """(task, abstract TrainState, lowered jitted train step) of `config` on `mesh`."""
+    task = tasks.make_task(config)
+    tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps)
+    rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
+    graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
+    shardings = steps.state_shardings(abstract_params, tx, mesh)
+    state = steps.abstract_state(shardings, task, tx, mesh, rules)
+    batch_sharding = jax.sharding.NamedSharding(mesh, steps.BATCH_SPEC)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+             for k, v in task.example_batch_shapes(config.batch_size).items()}
+    train_step = jax.jit(
+        steps.make_train_step(task, graphdef, tx, lr_schedule, config.grad_accum_steps),
+        in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+    with partitioning.sharding_context(mesh, rules):
+        return task, state, train_step.lower(state, batch)
+
+
+def _per_step_cost(config, mesh, task) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) per chip per step from XLA's cost analysis.
+
+    cost_analysis counts a loop body once, so scanned layers and gradient accumulation
+    would be undercounted. Instead compile the step unrolled with 1 and 2 layers and one
+    microbatch, extrapolate linearly to the real depth, and scale by the microbatches.
+    """
+    costs = []
+    for layers in (1, 2):
+        probe = config.copy_and_resolve_references()
+        with probe.unlocked():
+            probe.model[task.depth_field] = layers
+            probe.model.scan_layers = False
+            probe.batch_size = config.batch_size // config.grad_accum_steps
+            probe.grad_accum_steps = 1
+        cost = _lowered_train_step(probe, mesh)[2].compile().cost_analysis() or {}
+        costs.append((float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))))
+    (f1, b1), (f2, b2) = costs
+    depth = task.num_layers
+    return ((f1 + (depth - 1) * (f2 - f1)) * config.grad_accum_steps,
+            (b1 + (depth - 1) * (b2 - b1)) * config.grad_accum_steps)
+
+
+def compile_report(config, topology: str) -> dict:
+    """Compiles the train step of `config` for `topology`; returns the report dict."""
+    devices, chip = topology_devices(topology)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    num_hosts = len({d.process_index for d in devices})
+    mesh_lib.check_batch(config.batch_size, config.grad_accum_steps, mesh, num_hosts)
+    task, state, lowered = _lowered_train_step(config, mesh)
+    report = {
+        "topology": topology, "chips": len(devices), "device_kind": devices[0].device_kind,
+        "mesh": dict(mesh.shape),
+        "params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))),
+        "batch_size": config.batch_size,
+        "optimizer": config.optimizer.name,
+        "params_bytes_per_chip": _shard_bytes(state.params),
+        "optimizer_state_bytes_per_chip": _shard_bytes(state.opt_state),
+        "hbm_bytes_per_chip": chip.hbm_limit,
+    }
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # XLA reports out-of-memory as a compile error
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+            raise
+        needed = re.search(r"(?:Used|required for HLO temporaries \()\s*([\d.]+)([KMGT]?)", message)
+        report.update(fits=False, compile_error=message.strip().splitlines()[0][:300])
+        if needed:
+            scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[needed.group(2)]
+            report["temp_bytes_per_chip"] = float(needed.group(1)) * scale
+        return report
+
+    mem = compiled.memory_analysis()
+    live = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    total = live + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
+    flops = task.flops_per_example() * config.batch_size
+    xla_flops, hbm_bytes = _per_step_cost(config, mesh, task)
+    compute_s = flops / (chip.peak_flops * len(devices))
+    step_s = max(compute_s, hbm_bytes / chip.hbm_bandwidth)
+    report.update(
+        temp_bytes_per_chip=mem.temp_size_in_bytes,
+        total_bytes_per_chip=total,
+        fits=total <= chip.hbm_limit,
+        flops_per_step=flops,
+        xla_flops_per_chip=xla_flops,
+        hbm_bytes_per_step_per_chip=hbm_bytes,
+        roofline_step_seconds=step_s,
+        roofline_mfu=compute_s / step_s,
+    )
+    return report
+
+
+def format_report(r: dict) -> str:
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    lines = [
+        f"topology        {r['topology']} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}",
+        f"params          {r['params']:,}   optimizer {r['optimizer']}   batch {r['batch_size']}",
+        f"params/chip     {gib(r['params_bytes_per_chip'])}",
+        f"opt state/chip  {gib(r['optimizer_state_bytes_per_chip'])}",
+    ]
+    if "temp_bytes_per_chip" in r:
+        lines.append(f"temporaries     {gib(r['temp_bytes_per_chip'])}")
+    if "total_bytes_per_chip" in r:
+        lines.append(f"total/chip      {gib(r['total_bytes_per_chip'])} of {gib(r['hbm_bytes_per_chip'])} HBM")
+    elif "temp_bytes_per_chip" in r:
+        lines[-1] += f" (the compiler needed more than {gib(r['hbm_bytes_per_chip'])} HBM)"
+    lines.append(f"fits            {'yes' if r['fits'] else 'NO'}")
+    if "compile_error" in r:
+        lines.append(f"compiler        {r['compile_error']}")
+    if "flops_per_step" in r:
+        lines += [f"flops/step      {r['flops_per_step']:.3e} (model); XLA per chip "
+                  f"{r['xla_flops_per_chip']:.3e} x {r['chips']} chips",
+                  f"HBM traffic     {gib(r['hbm_bytes_per_step_per_chip'])} per chip per step (XLA)",
+                  f"roofline        {r['roofline_step_seconds'] * 1e3:.1f} ms/step, MFU {r['roofline_mfu']:.1%}"]
+    return "\n".join(lines)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: configs/<file>.py:<variant>.")
+_TOPOLOGY_FLAG = flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:2x2x2 or v5e:16x16.")
+_JSON = flags.DEFINE_bool("json", False, "Print the report as JSON.")
+
+
+def main(argv) -> None:
+    del argv
+    try:
+        report = compile_report(_CONFIG.value, _TOPOLOGY_FLAG.value)
+    except UserError as e:
+        cli.fail(str(e))
+    print(json.dumps(report, indent=1) if _JSON.value else format_report(report), flush=True)
+    sys.exit(0 if report["fits"] else 1)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.flags_parser("config", "topology"))

@@ -1,0 +1,460 @@
+"""Input pipeline: TFDS array_record sources -> grain -> process-local numpy batches.
+
+Design (determinism and state)
+------------------------------
+For map-style sources (the embedded datasets, any TFDS array_record dataset, the cached
+token windows of the embedded text corpus, ``synthetic``) the pipeline is built from
+grain's random-access ``MapDataset``::
+
+    stream = MapDataset.source(src).seed(seed).shuffle().repeat()   # infinite, reshuffled per epoch
+    stream = stream.random_map(augment)   # per-example RNG = f(seed, stream position)
+    local  = stream.batch(B // P, drop_remainder=True)[p::P]
+
+Chunk j of ``stream.batch(B // P)`` holds stream positions [j*B/P, (j+1)*B/P), so chunk
+s*P + p = rows [p*B/P, (p+1)*B/P) of global batch s = positions [s*B, (s+1)*B). The global
+batch at step s is a pure function of (seed, s, B): identical for 1 or many processes, and
+resuming needs only the step. `make_train_iterator` returns a `StepIterator`, a grain
+``DatasetIterator`` whose state is ``{"step": s}`` (process-count and worker-count
+independent); it reads ``batches[s:]`` through grain threads or ``mp_prefetch`` workers.
+Save/restore it with ``grain.checkpoint.CheckpointSave/CheckpointRestore`` inside an
+orbax ``CheckpointManager`` (grain writes ``process_{i}-of-{n}.json`` per process); after a
+change of process count, pass ``start_step`` instead (the step is the train step).
+
+Why not ``grain.DataLoader`` + ``grain.sharding.ShardByJaxProcess``: that API shards
+*records* per process (each process reads its own contiguous shard and shuffles it), so
+the global batch depends on the process count. Here ``ShardByJaxProcess()`` only supplies
+the default (index, count) and the sharding is the strided slice above, which keeps the
+global order process-count invariant.
+
+Streaming text (TFDS text datasets other than the embedded corpus, or
+``pack_mode='stream'``): documents are shuffled, sharded by process (``docs[p::P]``),
+tokenized, packed with ``grain.experimental.ConcatThenSplitIterDataset`` and batched;
+the packer's buffer lives in the grain iterator state, so resume is exact through the
+checkpointed state, but batches depend on the process count and ``start_step`` is not
+supported.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from train import preprocess
+from train.datasets import DEFAULT_DATA_DIR, EMBEDDED_DATASETS, DataError, data_source, prepare
+from train.preprocess import BYTE_EOS_ID, BYTE_VOCAB_SIZE, make_tokenizer
+
+__all__ = [
+    "BYTE_EOS_ID", "BYTE_VOCAB_SIZE", "DEFAULT_DATA_DIR", "DataError", "EvalBatches",
+    "StepIterator", "default_data_config", "get_vocab_size", "make_eval_batches",
+    "make_train_batches", "make_train_iterator", "num_examples", "prepare", "to_global_batch",
+]
+
+_SYNTHETIC_EVAL_SEED = 2**31 - 1
+_PRESETS = {
+    "digits": dict(kind="image", eval_split="test", image_size=8, channels=1, num_classes=10),
+    "python_stdlib_text": dict(kind="text", eval_split="validation"),
+    "imagenet2012": dict(
+        kind="image", eval_split="validation", image_size=224, channels=3, num_classes=1000,
+        eval_crop_fraction=0.875, augment=dict(random_resized_crop=True, flip=True)),
+    "c4": dict(name="c4/en", kind="text", eval_split="validation", seq_len=1024),
+    "synthetic": dict(kind="image", image_size=224, channels=3, num_classes=1000),
+}
+
+
+def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
+    """The ``config.data`` fields with their defaults (adjusted for a few known names)."""
+    c = ml_collections.ConfigDict()
+    c.name = name  # 'digits' | 'python_stdlib_text' | 'synthetic' | any TFDS name
+    c.kind = "image"  # 'image' | 'text'
+    c.data_dir = None  # None: ~/.cache/lion_tpu/tensorflow_datasets (embedded), TFDS default
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.image_key, c.label_key, c.text_key = "image", "label", "text"
+    c.image_size = 8
+    c.channels = 1
+    c.num_classes = 10
+    c.augment = ml_collections.ConfigDict(dict(
+        random_resized_crop=False, crop_scale=(0.08, 1.0), aspect_ratio=(3 / 4, 4 / 3),
+        flip=False))
+    c.eval_crop_fraction = 1.0  # eval: center square of this fraction of the short side
+    c.seq_len = 256
+    c.tokenizer = "bytes"  # 'bytes' or path to a SentencePiece .model
+    c.vocab_size = BYTE_VOCAB_SIZE  # synthetic text only; real: from the tokenizer
+    c.pack_mode = "auto"  # text: 'cache' (token .npy, map-style) | 'stream' | 'auto'
+    c.num_workers = 0  # grain mp_prefetch worker processes (0 = in-process)
+    c.worker_buffer_size = 2  # batches buffered per worker
+    c.read_threads = 2  # threads computing batches in each process
+    c.prefetch_batches = 4  # batches read ahead per process
+    c.eval_max_batches = None  # cap on eval batches (None = whole split)
+    c.synthetic_eval_examples = 512
+    preset = dict(_PRESETS.get(name.split("/")[0], {}))
+    c.augment.update(preset.pop("augment", {}))
+    c.update(preset)
+    return c
+
+
+# ----------------------------------------------------------------------------- helpers
+def _shard(process_index, process_count) -> grain.sharding.ShardOptions:
+    if process_index is None and process_count is None:
+        return grain.sharding.ShardByJaxProcess()
+    return grain.sharding.ShardOptions(
+        shard_index=int(jax.process_index() if process_index is None else process_index),
+        shard_count=int(jax.process_count() if process_count is None else process_count))
+
+
+def _local_batch_size(global_batch_size: int, shard) -> int:
+    if global_batch_size <= 0 or global_batch_size % shard.shard_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive "
+                         f"multiple of process_count={shard.shard_count}")
+    return global_batch_size // shard.shard_count
+
+
+def _check_seed(seed) -> int:
+    if int(seed) < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return int(seed)
+
+
+def _is_synthetic(cfg) -> bool:
+    return cfg.name == "synthetic"
+
+
+def _streaming(cfg) -> bool:
+    if cfg.kind != "text" or _is_synthetic(cfg):
+        return False
+    mode = cfg.get("pack_mode", "auto")
+    if mode == "auto":
+        return cfg.name not in EMBEDDED_DATASETS
+    if mode not in ("cache", "stream"):
+        raise ValueError(f"pack_mode must be 'auto', 'cache' or 'stream', got {mode!r}")
+    return mode == "stream"
+
+
+def _read_options(cfg) -> grain.ReadOptions:
+    return grain.ReadOptions(num_threads=int(cfg.get("read_threads", 2)),
+                             prefetch_buffer_size=int(cfg.get("prefetch_batches", 4)))
+
+
+def _maybe_mp(ds: grain.IterDataset, cfg) -> grain.IterDataset:
+    workers = int(cfg.get("num_workers", 0))
+    if workers <= 0:
+        return ds
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        # grain 0.2.x reads an absl flag in mp_prefetch and fails in scripts that never
+        # parsed flags (google/grain#1355); absl.app-based trainers are unaffected.
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=int(cfg.get("worker_buffer_size", 2))))
+
+
+def get_vocab_size(cfg) -> int:
+    """Token vocabulary of a text config (synthetic: ``cfg.vocab_size``)."""
+    return int(cfg.vocab_size) if _is_synthetic(cfg) else make_tokenizer(cfg.tokenizer).vocab_size
+
+
+def _check_text_config(cfg) -> None:
+    """Fails early when ``cfg.vocab_size`` (used to size the model) is below the tokenizer's."""
+    if cfg.kind != "text" or _is_synthetic(cfg):
+        return
+    need, have = get_vocab_size(cfg), cfg.get("vocab_size", None)
+    if have is not None and int(have) < need:
+        raise ValueError(f"data.vocab_size={have} is smaller than the vocabulary of tokenizer "
+                         f"{cfg.tokenizer!r} ({need}); set data.vocab_size >= {need}")
+
+
+class SyntheticSource:
+    """Random examples of the configured shapes; item i depends only on (stream_seed, i)."""
+
+    def __init__(self, cfg, length: int, stream_seed: int):
+        self.kind, self.length, self.stream_seed = cfg.kind, int(length), int(stream_seed)
+        self.image_shape = (int(cfg.image_size),) * 2 + (int(cfg.channels),)
+        self.num_classes, self.seq_len = int(cfg.num_classes), int(cfg.seq_len)
+        self.vocab_size = int(cfg.vocab_size)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.stream_seed, int(i)])
+        if self.kind == "image":
+            return {"image": rng.uniform(-1, 1, self.image_shape).astype(np.float32),
+                    "label": np.int32(rng.integers(self.num_classes))}
+        return preprocess.lm_example(rng.integers(0, self.vocab_size, self.seq_len + 1))
+
+
+class _Tokenize:
+    """Document record -> {"tokens": ids + [eos]} (for streaming packing)."""
+
+    def __init__(self, tokenizer, text_key):
+        self.tokenizer, self.text_key = tokenizer, text_key
+
+    def __call__(self, record):
+        ids = self.tokenizer.encode(record[self.text_key])
+        return {"tokens": np.append(ids, np.int32(self.tokenizer.eos_id)).astype(np.int32)}
+
+
+def _packed_to_lm(packed):
+    return preprocess.lm_example(packed["tokens"], packed["tokens_segment_ids"] != 0)
+
+
+def _examples(cfg, split: str, *, train: bool):
+    """(random-access source, per-example fn, fn is random) for a map-style split."""
+    if cfg.kind == "image":
+        src = data_source(prepare(cfg.name, cfg.data_dir), split)
+        if train:
+            a = cfg.augment
+            return src, preprocess.TrainImageTransform(
+                cfg.image_size, cfg.channels, random_resized_crop=a.random_resized_crop,
+                crop_scale=a.crop_scale, aspect_ratio=a.get("aspect_ratio", (3 / 4, 4 / 3)),
+                flip=a.flip, image_key=cfg.image_key, label_key=cfg.label_key), True
+        return src, preprocess.EvalImageTransform(
+            cfg.image_size, cfg.channels, crop_fraction=cfg.get("eval_crop_fraction", 1.0),
+            image_key=cfg.image_key, label_key=cfg.label_key), False
+    if cfg.kind == "text":
+        builder = prepare(cfg.name, cfg.data_dir)
+        tok = make_tokenizer(cfg.tokenizer)
+        path = preprocess.cached_token_stream(builder, split, tok, cfg.get("text_key", "text"))
+        return preprocess.WindowSource(path, int(cfg.seq_len) + 1), preprocess.lm_example, False
+    raise ValueError(f"data.kind must be 'image' or 'text', got {cfg.kind!r}")
+
+
+def num_examples(cfg, split: str | None = None) -> int | None:
+    """Examples per epoch of a map-style split (images or packed windows), else None."""
+    if _is_synthetic(cfg) or _streaming(cfg):
+        return None
+    return len(_examples(cfg, split or cfg.train_split, train=False)[0])
+
+
+# ----------------------------------------------------------------------------- training
+def make_train_batches(data_cfg, global_batch_size: int, seed: int, *,
+                       process_index=None, process_count=None) -> grain.MapDataset:
+    """Random-access ``MapDataset`` of process-local batches: element s = step s.
+
+    Map-style sources only (not streaming text). ``len`` is effectively infinite.
+    """
+    cfg, seed = data_cfg, _check_seed(seed)
+    shard = _shard(process_index, process_count)
+    b = _local_batch_size(global_batch_size, shard)
+    if _streaming(cfg):
+        raise ValueError(f"{cfg.name!r} streams packed text; use make_train_iterator")
+    if _is_synthetic(cfg):
+        stream = grain.MapDataset.source(SyntheticSource(cfg, sys.maxsize, seed))
+    else:
+        src, fn, is_random = _examples(cfg, cfg.train_split, train=True)
+        if len(src) == 0:
+            raise DataError(f"split {cfg.train_split!r} of {cfg.name!r} is empty")
+        stream = grain.MapDataset.source(src).seed(seed).shuffle().repeat()
+        stream = stream.random_map(fn) if is_random else stream.map(fn)
+    return stream.batch(b, drop_remainder=True)[shard.shard_index::shard.shard_count]
+
+
+def _streaming_train(cfg, b: int, seed: int, shard) -> grain.IterDataset:
+    builder = prepare(cfg.name, cfg.data_dir)
+    docs = grain.MapDataset.source(data_source(builder, cfg.train_split))
+    docs = docs.seed(seed).shuffle().repeat()[shard.shard_index::shard.shard_count]
+    tokens = docs.map(_Tokenize(make_tokenizer(cfg.tokenizer), cfg.get("text_key", "text")))
+    ds = _maybe_mp(tokens.to_iter_dataset(_read_options(cfg)), cfg)
+    ds = grain.experimental.ConcatThenSplitIterDataset(
+        ds, length_struct={"tokens": int(cfg.seq_len) + 1})
+    return ds.map(_packed_to_lm).batch(b, drop_remainder=True)
+
+
+class StepIterator(grain.DatasetIterator):
+    """grain ``DatasetIterator`` over a random-access dataset of batches; state = step.
+
+    ``get_state()`` is ``{"step": s}`` (the number of batches consumed = the global
+    step), identical on every process and independent of the process count and of
+    ``num_workers``. ``set_state`` rebuilds the underlying grain pipeline (threads or
+    ``mp_prefetch`` workers) from ``batches[s:]``.
+    """
+
+    def __init__(self, batches: grain.MapDataset, cfg, step: int = 0):
+        super().__init__()
+        self._batches, self._cfg, self._step, self._it = batches, cfg, int(step), None
+
+    def _inner(self):
+        if self._it is None:
+            ds = self._batches[self._step:].to_iter_dataset(_read_options(self._cfg))
+            self._it = iter(_maybe_mp(ds, self._cfg))
+        return self._it
+
+    def __next__(self):
+        self._assert_not_closed()
+        batch = next(self._inner())
+        self._step += 1
+        return batch
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def get_state(self) -> dict:
+        return {"step": self._step}
+
+    def set_state(self, state: dict) -> None:
+        self._assert_not_closed()
+        step = int(state["step"])
+        if step != self._step:
+            self._close_inner()
+            self._step = step
+
+    def start_prefetch(self) -> None:
+        self._inner().start_prefetch()
+
+    def _close_inner(self):
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+    def close(self) -> None:
+        self._close_inner()
+        super().close()
+
+    def __str__(self):
+        return f"StepIterator(step={self._step})"
+
+
+def make_train_iterator(data_cfg, global_batch_size: int, seed: int, *, process_index=None,
+                        process_count=None, start_step: int = 0) -> grain.DatasetIterator:
+    """Infinite iterator of process-local batches (dicts of numpy arrays).
+
+    images: {"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b]};
+    text: {"inputs", "targets": int32 [b, seq_len], "mask": float32 [b, seq_len]};
+    b = global_batch_size / process_count. A grain ``DatasetIterator`` (`StepIterator`
+    for map-style sources, grain's packing iterator for streaming text): ``get_state()``,
+    ``set_state()``, orbax via ``grain.checkpoint.CheckpointSave/CheckpointRestore``.
+    ``start_step`` (map-style only) starts at that global step.
+    """
+    cfg, seed = data_cfg, _check_seed(seed)
+    shard = _shard(process_index, process_count)
+    _check_text_config(cfg)
+    if _streaming(cfg):
+        if start_step:
+            raise ValueError("start_step is not supported for streaming (packed) text; "
+                             "restore the checkpointed iterator state instead")
+        return iter(_streaming_train(cfg, _local_batch_size(global_batch_size, shard), seed, shard))
+    batches = make_train_batches(cfg, global_batch_size, seed, process_index=shard.shard_index,
+                                 process_count=shard.shard_count)
+    return StepIterator(batches, cfg, start_step)
+
+
+# ----------------------------------------------------------------------------- evaluation
+class EvalBatches:
+    """Finite, re-iterable process-local eval batches; every example once, padding masked.
+
+    Each batch has the training keys plus ``mask`` (images: float32 [b], 1 = real
+    example; text: float32 [b, seq_len], 1 = real target token). ``len()`` = number of
+    batches, equal on all processes (``None``-like TypeError for streaming text).
+    """
+
+    def __init__(self, dataset, num_batches: int | None, read_options=None):
+        self._dataset, self._num_batches, self._read = dataset, num_batches, read_options
+
+    def __iter__(self):
+        if isinstance(self._dataset, grain.MapDataset):
+            return iter(self._dataset.to_iter_dataset(self._read))
+        return iter(self._dataset)
+
+    def __len__(self) -> int:
+        if self._num_batches is None:
+            raise TypeError("number of eval batches is unknown for streaming text")
+        return self._num_batches
+
+    @property
+    def num_batches(self) -> int | None:
+        return self._num_batches
+
+
+class _MaskPadding:
+    """map_with_index: mark examples at positions >= n (wrap-around padding) as masked."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, index, example):
+        valid = np.float32(index < self.n)
+        mask = example.get("mask", np.float32(1.0))
+        return {**example, "mask": (np.asarray(mask, np.float32) * valid).astype(np.float32)}
+
+
+class _GlobalToLocal:
+    """Pads a (possibly short) global batch to B rows with mask 0 and keeps this process's rows."""
+
+    def __init__(self, global_batch_size: int, shard):
+        self.B, self.p, self.P = global_batch_size, shard.shard_index, shard.shard_count
+
+    def __call__(self, batch):
+        b = self.B // self.P
+        out = {}
+        for k, v in batch.items():
+            pad = self.B - len(v)
+            if pad:
+                v = np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+            out[k] = v[self.p * b:(self.p + 1) * b]
+        return out
+
+
+def make_eval_batches(data_cfg, global_batch_size: int, *, process_index=None,
+                      process_count=None) -> EvalBatches:
+    """Process-local batches covering ``eval_split`` exactly once (see `EvalBatches`).
+
+    Global eval batch k = examples [k*B, (k+1)*B) in split order, the last one padded;
+    process p gets rows [p*b, (p+1)*b). ``eval_max_batches`` caps the number of batches.
+    """
+    cfg = data_cfg
+    shard = _shard(process_index, process_count)
+    b = _local_batch_size(global_batch_size, shard)
+    _check_text_config(cfg)
+    cap = cfg.get("eval_max_batches", None)
+    if _streaming(cfg):
+        builder = prepare(cfg.name, cfg.data_dir)
+        docs = grain.MapDataset.source(data_source(builder, cfg.eval_split)).map(
+            _Tokenize(make_tokenizer(cfg.tokenizer), cfg.get("text_key", "text")))
+        ds = grain.experimental.ConcatThenSplitIterDataset(
+            docs.to_iter_dataset(_read_options(cfg)),
+            length_struct={"tokens": int(cfg.seq_len) + 1})
+        # Every process packs the same global stream, so all see the same batch count.
+        ds = ds.map(_packed_to_lm).batch(global_batch_size)
+        ds = ds.map(_GlobalToLocal(global_batch_size, shard))
+        if cap:
+            ds = grain.experimental.LimitIterDataset(ds, int(cap))
+        return EvalBatches(ds, None)
+    if _is_synthetic(cfg):
+        n = int(cfg.get("synthetic_eval_examples", 512))
+        examples = grain.MapDataset.source(SyntheticSource(cfg, n, _SYNTHETIC_EVAL_SEED))
+    else:
+        src, fn, _ = _examples(cfg, cfg.eval_split, train=False)
+        n = len(src)
+        examples = grain.MapDataset.source(src).map(fn)
+    if n == 0:
+        raise DataError(f"eval split {cfg.eval_split!r} of {cfg.name!r} is empty")
+    num_batches = math.ceil(n / global_batch_size)
+    if cap:
+        num_batches = min(num_batches, int(cap))
+    total = num_batches * global_batch_size
+    padded = examples.repeat(math.ceil(total / n))[:total].map_with_index(_MaskPadding(n))
+    local = padded.batch(b, drop_remainder=True)[shard.shard_index::shard.shard_count]
+    return EvalBatches(local, num_batches, _read_options(cfg))
+
+
+# ----------------------------------------------------------------------------- devices
+def to_global_batch(local_batch, mesh: jax.sharding.Mesh, spec: PartitionSpec | None = None):
+    """Process-local numpy batch -> dict of global ``jax.Array``s sharded on the batch dim.
+
+    ``spec`` defaults to ``PartitionSpec(("data", "fsdp"))`` (axes missing from the mesh
+    are dropped); the global batch is the concatenation of all processes' local batches.
+    """
+    if spec is None:
+        axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+        spec = PartitionSpec(axes if axes else None)
+    sharding = NamedSharding(mesh, spec)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}

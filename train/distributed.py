@@ -1,0 +1,40 @@
+"""Multi-process setup: Cloud TPU pods (auto-detected) or explicit coordinator flags.
+
+On a multi-host TPU VM slice `jax.distributed.initialize()` discovers everything itself.
+Elsewhere (e.g. CPU tests with several processes) pass a coordinator address, process count
+and id, by flags or by the environment variables JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID. CPU processes talk through gloo collectives.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from train.errors import ConfigError
+
+
+def _on_tpu_pod() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h]) > 1
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if coordinator:
+        if num_processes is None or process_id is None:
+            raise ConfigError("--coordinator needs --num_processes and --process_id")
+        if not 0 <= process_id < num_processes:
+            raise ConfigError(f"--process_id {process_id} is not in [0, {num_processes})")
+        if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif _on_tpu_pod():
+        jax.distributed.initialize()

@@ -1,0 +1,107 @@
+"""Training metrics: metrics.jsonl, TensorBoard (tensorboardX), a tqdm bar, and MFU.
+
+Only process 0 writes or shows anything. Metrics arrive as host floats, fetched from the
+device once per `log_every` steps by the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train import hardware
+
+
+def peak_flops_total() -> float:
+    """Peak FLOP/s of all devices: per-chip peak x chips, or on CPU the measured matmul
+    rate of each host (virtual CPU devices share the host's cores) x hosts."""
+    if jax.devices()[0].platform == "cpu":
+        return measure_matmul_flops() * jax.process_count()
+    return peak_flops_per_device() * jax.device_count()
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float:
+    """Peak FLOP/s of one device: published bf16 peak for accelerators, a measured
+    float32 matmul rate on CPU."""
+    device = device or jax.devices()[0]
+    chip = hardware.chip_for_device_kind(getattr(device, "device_kind", ""))
+    if chip is not None:
+        return chip.peak_flops
+    if device.platform == "cpu":
+        return measure_matmul_flops()
+    return float("nan")
+
+
+_MEASURED: dict[str, float] = {}
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Best observed float32 matmul FLOP/s of one CPU device (measured once, then cached)."""
+    if "cpu" in _MEASURED:
+        return _MEASURED["cpu"]
+    device = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    _MEASURED["cpu"] = 2 * n**3 / best
+    return _MEASURED["cpu"]
+
+
+class MetricsLogger:
+    """Appends metrics to `workdir/metrics.jsonl`, `workdir/tb/` and a progress bar."""
+
+    def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = self._tb = self._bar = None
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                         disable=None)
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _to_float(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        for k, v in clean.items():
+            self._tb.add_scalar(k, v, step)
+        shown = {k: f"{clean[k]:.4g}" for k in ("loss", "eval_loss", "tokens_per_sec", "examples_per_sec") if k in clean}
+        if shown:
+            self._bar.set_postfix(shown, refresh=False)
+
+    def advance(self, step: int) -> None:
+        if self.enabled and step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self._bar.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._bar.close()
+            self._tb.close()
+            self._jsonl.close()
+
+
+def _to_float(v) -> float | int:
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    return float(v)

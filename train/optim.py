@@ -1,0 +1,79 @@
+"""Optimizer and learning-rate schedule from config (optax + lion_optax).
+
+    config.optimizer = dict(
+        name="lion",                  # lion | adamw | adafactor
+        schedule="cosine",            # cosine | rsqrt | linear | constant (after warmup)
+        warmup_steps=..., end_lr_fraction=0.0, grad_clip_norm=1.0,
+        decay_embeddings=True,
+        lion=dict(learning_rate=1e-4, weight_decay=10.0, b1=0.9, b2=0.99, mu_dtype="bfloat16"),
+        adamw=dict(learning_rate=1e-3, weight_decay=1.0, b1=0.9, b2=0.999, eps=1e-6),
+        adafactor=dict(learning_rate=1e-3, weight_decay=1e-3, ...),
+    )
+
+Each optimizer keeps its own paper-style hyperparameters, so `--config.optimizer.name=adamw`
+switches to the AdamW baseline without touching anything else. Weight decay is decoupled and
+multiplied by the learning rate (optax convention) and applies to matrices only
+(`lion_optax.decay_mask`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import optax
+
+import lion_optax
+from train.errors import ConfigError
+
+OPTIMIZERS = ("lion", "adamw", "adafactor")
+SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
+
+
+def make_schedule(peak: float, num_steps: int, opt_cfg: Mapping) -> optax.Schedule:
+    """Linear warmup from 0 to `peak`, then cosine / rsqrt / linear decay or constant."""
+    warmup = int(opt_cfg.get("warmup_steps", 0))
+    kind = opt_cfg.get("schedule", "cosine")
+    end = peak * float(opt_cfg.get("end_lr_fraction", 0.0))
+    if kind not in SCHEDULES:
+        raise ConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {kind!r}")
+    if warmup < 0:
+        raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {warmup}")
+    decay_steps = max(num_steps - warmup, 1)
+    if kind == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
+    elif kind == "linear":
+        after = optax.linear_schedule(peak, end, decay_steps)
+    elif kind == "rsqrt":
+        after = lambda count: peak * jnp.sqrt(max(warmup, 1) / (count + max(warmup, 1)))  # noqa: E731
+    else:
+        after = optax.constant_schedule(peak)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optax transform with clipping, learning-rate schedule) for `opt_cfg.name`."""
+    name = opt_cfg.get("name")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name must be one of {OPTIMIZERS}, got {name!r}")
+    hp = dict(opt_cfg[name])
+    lr = make_schedule(float(hp.pop("learning_rate")), num_steps, opt_cfg)
+    wd = float(hp.pop("weight_decay", 0.0))
+    mask = functools.partial(lion_optax.decay_mask, decay_embeddings=bool(opt_cfg.get("decay_embeddings", True)))
+    if name == "lion":
+        mu_dtype = hp.pop("mu_dtype", "bfloat16")
+        tx = lion_optax.lion(lr, weight_decay=wd, mask=mask,
+                             mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype), **hp)
+    elif name == "adamw":
+        mu_dtype = hp.pop("mu_dtype", None)
+        tx = optax.adamw(lr, weight_decay=wd, mask=mask,
+                         mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype), **hp)
+    else:
+        tx = optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=mask, **hp)
+    clip = opt_cfg.get("grad_clip_norm")
+    if clip:
+        tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+    return tx, lr

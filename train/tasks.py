@@ -1,0 +1,147 @@
+"""What the trainer needs to know about each model family: build, loss, eval, FLOPs.
+
+A task turns `config.model` into a Flax NNX model and defines the training loss and the
+evaluation sums for a batch dict produced by `train.data`. Models hold parameters only;
+dropout randomness comes in as a key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from models import decoder as decoder_lib
+from models import vit as vit_lib
+from train.errors import ConfigError
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _model_overrides(model_cfg: Mapping, skip: tuple[str, ...]) -> dict[str, Any]:
+    out = {}
+    for k, v in model_cfg.items():
+        if k in skip:
+            continue
+        if k in ("dtype", "param_dtype"):
+            if v not in _DTYPES:
+                raise ConfigError(f"model.{k} must be one of {list(_DTYPES)}, got {v!r}")
+            v = _DTYPES[v]
+        out[k] = v
+    return out
+
+
+class ImageClassification:
+    """ViT on (image, label) batches; softmax cross-entropy with optional label smoothing."""
+
+    batch_keys = ("image", "label")
+    depth_field = "depth"
+
+    def __init__(self, config):
+        overrides = _model_overrides(config.model, skip=("family", "variant"))
+        overrides.setdefault("image_size", config.data.image_size)
+        overrides.setdefault("num_classes", config.data.num_classes)
+        overrides.setdefault("channels", config.data.channels)
+        try:
+            self.model_config = vit_lib.vit_config(config.model.variant, **overrides)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model: {e}") from None
+        self.label_smoothing = float(config.get("label_smoothing", 0.0))
+
+    @property
+    def num_layers(self) -> int:
+        return self.model_config.depth
+
+    def build(self, rngs: nnx.Rngs) -> nnx.Module:
+        return vit_lib.ViT(self.model_config, rngs=rngs)
+
+    def flops_per_example(self) -> float:
+        return vit_lib.train_flops_per_image(self.model_config)
+
+    def units(self, batch_size: int) -> dict[str, float]:
+        return {"examples": batch_size}
+
+    def example_batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        c = self.model_config
+        return {"image": jax.ShapeDtypeStruct((batch_size, c.image_size, c.image_size, c.channels), jnp.float32),
+                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+    def loss(self, model, batch, rng):
+        logits = model(batch["image"], train=True, dropout_rng=rng)
+        labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), self.label_smoothing)
+        loss = optax.softmax_cross_entropy(logits, labels).mean()
+        accuracy = (jnp.argmax(logits, -1) == batch["label"]).mean()
+        return loss, {"accuracy": accuracy}
+
+    def eval_sums(self, model, batch):
+        logits = model(batch["image"])
+        w = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32)).astype(jnp.float32)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        return {"loss": jnp.sum(nll * w), "accuracy": jnp.sum(correct * w), "count": jnp.sum(w)}
+
+
+class LanguageModeling:
+    """Decoder LM on packed (inputs, targets, mask) batches; cross-entropy + z-loss."""
+
+    batch_keys = ("inputs", "targets", "mask")
+    depth_field = "num_layers"
+
+    def __init__(self, config):
+        overrides = _model_overrides(config.model, skip=("family", "size"))
+        # Pad the embedding/output tables to a multiple of 128 so they shard evenly and map
+        # to TPU tiles (32000 and 128256 already are; the 257-entry byte vocab becomes 384).
+        overrides.setdefault("vocab_size", -(-int(config.data.vocab_size) // 128) * 128)
+        try:
+            self.model_config = decoder_lib.decoder_config(config.model.size, **overrides)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model: {e}") from None
+        self.seq_len = int(config.data.seq_len)
+        if self.seq_len > self.model_config.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len {self.seq_len} exceeds the model's max_seq_len {self.model_config.max_seq_len}")
+        self.z_loss = float(config.get("z_loss", 0.0))
+
+    @property
+    def num_layers(self) -> int:
+        return self.model_config.num_layers
+
+    def build(self, rngs: nnx.Rngs) -> nnx.Module:
+        return decoder_lib.Decoder(self.model_config, rngs=rngs)
+
+    def flops_per_example(self) -> float:
+        return self.seq_len * decoder_lib.train_flops_per_token(self.model_config, self.seq_len)
+
+    def units(self, batch_size: int) -> dict[str, float]:
+        return {"examples": batch_size, "tokens": batch_size * self.seq_len}
+
+    def example_batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        tokens = jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.int32)
+        return {"inputs": tokens, "targets": tokens,
+                "mask": jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.float32)}
+
+    def loss(self, model, batch, rng):
+        del rng  # no dropout in the decoder
+        logits = model(batch["inputs"])
+        loss, aux = decoder_lib.cross_entropy_loss(logits, batch["targets"], batch.get("mask"), self.z_loss)
+        return loss, {"accuracy": aux["accuracy"], "nll": aux["nll"]}
+
+    def eval_sums(self, model, batch):
+        logits = model(batch["inputs"])
+        _, aux = decoder_lib.cross_entropy_loss(logits, batch["targets"], batch.get("mask"))
+        n = aux["num_tokens"]
+        return {"loss": aux["nll"] * n, "accuracy": aux["accuracy"] * n, "count": n}
+
+
+TASKS = {"vit": ImageClassification, "lm": LanguageModeling}
+
+
+def make_task(config):
+    family = config.model.get("family")
+    if family not in TASKS:
+        raise ConfigError(f"model.family must be one of {list(TASKS)}, got {family!r}")
+    return TASKS[family](config)

@@ -1,35 +1,16 @@
 """The trainer end to end on tiny configs: both families learn, resume is exact, mesh
 layouts agree, bad input fails with one line, and two processes train together."""
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
-import jax
 import numpy as np
 import pytest
+from _util import read_metrics, run_trainer, run_two_processes, tiny_lm, train_losses
 
-from configs import lm as lm_configs
 from configs import vit as vit_configs
 from train import mesh as mesh_lib
 from train import trainer
 from train.errors import ConfigError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_lm(**overrides):
-    c = lm_configs.get_config("demo")
-    c.model.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64, max_seq_len=64))
-    c.data.seq_len = 32
-    c.data.eval_max_batches = 2
-    c.update(dict(num_steps=6, batch_size=16, log_every=1, eval_every=0, checkpoint_every=3,
-                  sample_steps=0))
-    c.optimizer.update(dict(schedule="constant", warmup_steps=0))
-    c.update_from_flattened_dict(overrides)
-    return c
 
 
 def tiny_vit(**overrides):
@@ -38,15 +19,6 @@ def tiny_vit(**overrides):
     c.update(dict(num_steps=4, batch_size=16, log_every=1, eval_every=4, checkpoint_every=4))
     c.update_from_flattened_dict(overrides)
     return c
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(workdir):
-    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
 
 
 def test_lm_trains_resumes_exactly_and_logs(tmp_path):
@@ -129,12 +101,6 @@ def test_batch_not_divisible_by_data_parallel_size():
         mesh_lib.check_batch(16, 3, mesh, 1)
 
 
-def _cli(*args, env=None, timeout=120):
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--config=configs/lm.py:demo", "--config.no_such_key=1"], "no_such_key"),
     (["--config=configs/lm.py:demo", "--config.num_steps=abc"], "num_steps"),
@@ -144,7 +110,7 @@ def _cli(*args, env=None, timeout=120):
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, message):
     workdir = tmp_path / "wd"
-    result = _cli(*args, f"--workdir={workdir}")
+    result = run_trainer(*args, f"--workdir={workdir}")
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
@@ -154,36 +120,11 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, message):
 # --------------------------------------------------------------------------- 2 processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_processes(workdir, num_steps):
-    port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    args = ["--config=configs/lm.py:demo", f"--workdir={workdir}",
-            "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=4",
-            "--config.model.num_kv_heads=2", "--config.model.ffn_dim=64", "--config.model.max_seq_len=64",
-            "--config.data.seq_len=32", "--config.batch_size=16", f"--config.num_steps={num_steps}",
-            "--config.log_every=1", "--config.eval_every=0", "--config.checkpoint_every=2",
-            "--config.sample_steps=0", "--config.optimizer.schedule=constant",
-            "--config.optimizer.warmup_steps=0", f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
-    procs = [subprocess.Popen([sys.executable, "-m", "train", *args, f"--process_id={i}"], cwd=REPO,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=240) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-
-
 def test_two_processes_train_save_and_resume(tmp_path):
     multi = tmp_path / "multi"
-    _two_processes(multi, num_steps=2)
+    run_two_processes(multi, num_steps=2, checkpoint_every=2)
     assert sorted(os.listdir(multi / "checkpoints")) == ["2"]
-    _two_processes(multi, num_steps=4)
+    run_two_processes(multi, num_steps=4, checkpoint_every=2)
     losses = train_losses(str(multi))
     assert sorted(losses) == [1, 2, 3, 4]
     # One process with the same 8 devices sees the same global batches and math.

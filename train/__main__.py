@@ -1,7 +1,8 @@
 """`python -m train --config=configs/<file>.py:<variant> --workdir=DIR [--config.key=value ...]`
 
-Trains (or resumes) per the config. Bad flags or config values print one `error:` line
-and exit with code 2 before anything is compiled.
+Trains (or resumes) per the config. Exit codes: 0 done (or preempted and checkpointed);
+2 bad flags, config or input, one `error:` line, before anything is compiled or the workdir
+is touched; 3 halted on a non-finite step with `on_nonfinite=halt`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from train import cli
-from train.errors import UserError
+from train.errors import TrainingHalted, UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: configs/<file>.py:<variant>.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
@@ -29,6 +30,8 @@ def main(argv: list[str]) -> None:
         trainer.run(_CONFIG.value, _WORKDIR.value)
     except UserError as e:
         cli.fail(str(e))
+    except TrainingHalted as e:
+        cli.fail(str(e), code=TrainingHalted.exit_code)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = name  # 'digits' | 'python_stdlib_text' | 'synthetic' | any TFDS name
     c.kind = "image"  # 'image' | 'text'
-    c.data_dir = None  # None: ~/.cache/lion_tpu/tensorflow_datasets (embedded), TFDS default
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # None: ~/.cache/lion_tpu/tensorflow_datasets (embedded), TFDS default
     c.train_split = "train"
     c.eval_split = "test"
     c.image_key, c.label_key, c.text_key = "image", "label", "text"
@@ -91,7 +91,7 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     c.worker_buffer_size = 2  # batches buffered per worker
     c.read_threads = 2  # threads computing batches in each process
     c.prefetch_batches = 4  # batches read ahead per process
-    c.eval_max_batches = None  # cap on eval batches (None = whole split)
+    c.eval_max_batches = ml_collections.config_dict.placeholder(int)  # cap on eval batches (None = whole split)
     c.synthetic_eval_examples = 512
     preset = dict(_PRESETS.get(name.split("/")[0], {}))
     c.augment.update(preset.pop("augment", {}))

@@ -7,3 +7,9 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """Invalid config value (mesh, batch size, optimizer, ...)."""
+
+
+class TrainingHalted(Exception):
+    """Training stopped on purpose (e.g. non-finite loss with on_nonfinite=halt); exit 3."""
+
+    exit_code = 3

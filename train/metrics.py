@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 
@@ -92,7 +93,7 @@ class MetricsLogger:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self._bar.write(text)
+            self._bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         if self.enabled:

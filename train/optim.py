@@ -55,7 +55,8 @@ def make_schedule(peak: float, num_steps: int, opt_cfg: Mapping) -> optax.Schedu
 
 
 def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optax transform with clipping, learning-rate schedule) for `opt_cfg.name`."""
+    """(optax transform, learning-rate schedule) for `opt_cfg.name`, with global-norm
+    clipping and non-finite updates dropped."""
     name = opt_cfg.get("name")
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name must be one of {OPTIMIZERS}, got {name!r}")
@@ -76,4 +77,6 @@ def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTran
     clip = opt_cfg.get("grad_clip_norm")
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
-    return tx, lr
+    # A step whose gradients hold NaN/Inf leaves params and optimizer state untouched
+    # (optax counts it in `total_notfinite`); the trainer then skips or halts.
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 2), lr

@@ -84,12 +84,16 @@ def _microbatches(batch, num: int):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int):
+def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int,
+                    nan_at_step: int | None = None):
     """Pure `(state, batch) -> (state, metrics)`; jit it with donated state, and trace it
     inside `partitioning.sharding_context(mesh, rules)`.
 
     With `grad_accum_steps > 1` the batch is split into microbatches whose float32
     gradients are summed by a `lax.scan`, then averaged: one optimizer update per step.
+    `metrics["nonfinite"]` is 1.0 when the loss or a gradient was NaN/Inf (the optimizer,
+    wrapped in `optax.apply_if_finite`, then leaves the state unchanged). `nan_at_step`
+    poisons the gradients of that step, for fault-injection tests.
     """
 
     def loss_fn(params, batch, rng):
@@ -117,10 +121,15 @@ def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int):
             (loss, aux), grads = grad_fn(state.params, batch, rng)
         else:
             (loss, aux), grads = accumulated_grads(state.params, batch, rng)
+        if nan_at_step is not None:
+            poison = jnp.where(state.step == nan_at_step, jnp.nan, 0.0)
+            grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                   "lr": lr_schedule(state.step), **aux}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step),
+                   "nonfinite": 1.0 - finite.astype(jnp.float32), **aux}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return train_step

@@ -1,13 +1,21 @@
 """The training loop: config -> mesh -> sharded state -> jitted steps -> checkpoints.
 
-`run(config, workdir)` validates everything it can before compiling (mesh, batch,
-optimizer, model, data), resumes from the newest checkpoint in `workdir/checkpoints`,
-trains to `config.num_steps`, and writes metrics to `workdir/metrics.jsonl` and
-`workdir/tb/`. Re-running the same command resumes.
+`run(config, workdir)` validates everything it can before touching the workdir or compiling
+(mesh, batch, optimizer, model, data), resumes from the newest readable checkpoint in
+`workdir/checkpoints`, trains to `config.num_steps`, and writes metrics to
+`workdir/metrics.jsonl` and `workdir/tb/`. Re-running the same command resumes.
+
+Reliability (see README "Preemption and resume"): the data order, dropout keys and
+schedules are pure functions of the step, so a resumed run is bitwise the run it replaces;
+SIGTERM (or orbax's multi-host preemption sync point) finishes the step, commits a
+checkpoint and returns; non-finite steps are dropped on device and then skipped or halt the
+run (`on_nonfinite`); a second trainer on the same workdir is refused (lock file).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import signal
@@ -23,25 +31,33 @@ from train import mesh as mesh_lib
 from train import metrics as metrics_lib
 from train import optim, preprocess, steps, tasks
 from train.checkpoint import Checkpointer
-from train.errors import ConfigError
+from train.errors import ConfigError, TrainingHalted, UserError
+
+ON_NONFINITE = ("skip", "halt")
 
 
-class _StopFlag:
-    """Set by SIGTERM (preemption): finish the step, checkpoint, exit 0."""
+class _Preemption:
+    """Single process: a SIGTERM handler sets a flag. Several processes: orbax's
+    preemption sync point, which makes every process stop at the same step."""
 
-    def __init__(self):
-        self.stop = False
-        self._previous = None
+    def __init__(self, ckpt: Checkpointer):
+        self._ckpt, self._flag, self._previous = ckpt, False, None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if not self._multi:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.stop = True
+        self._flag = True
+
+    def reached(self, step: int) -> bool:
+        return self._ckpt.manager.reached_preemption(step) if self._multi else self._flag
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+        if not self._multi:
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
 
 
 def _check_scalars(config) -> None:
@@ -51,11 +67,51 @@ def _check_scalars(config) -> None:
             raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
     if config.log_every < 1:
         raise ConfigError(f"log_every must be >= 1, got {config.log_every}")
+    if config.get("on_nonfinite", "skip") not in ON_NONFINITE:
+        raise ConfigError(f"on_nonfinite must be one of {ON_NONFINITE}, got {config.on_nonfinite!r}")
 
 
-def _mean_metrics(window: list[dict]) -> dict[str, float]:
-    host = jax.device_get(window)
-    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+def _check_workdir(workdir: str) -> None:
+    """Raises UserError unless `workdir` is (or can be created as) a writable directory."""
+    if "://" in workdir:
+        return  # object stores: checked by the first write
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"workdir {workdir} exists and is not a directory")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"workdir {workdir} cannot be created: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"workdir {workdir} is not writable ({existing} does not allow writing)")
+
+
+def _lock_workdir(workdir: str):
+    """Exclusive lock on `workdir/.lock` held for the run (process 0 only); None remote."""
+    if "://" in workdir or jax.process_index() != 0:
+        return None
+    os.makedirs(workdir, exist_ok=True)
+    handle = open(os.path.join(workdir, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(f"workdir {workdir} is in use by another trainer (pid {owner})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _params_finite(params) -> bool:
+    return bool(jax.jit(lambda p: jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))(params))
 
 
 def evaluate(eval_step, params, config, mesh) -> dict[str, float]:
@@ -70,6 +126,7 @@ def evaluate(eval_step, params, config, mesh) -> dict[str, float]:
 
 def run(config, workdir: str) -> dict[str, float]:
     """Trains per `config` in `workdir`; returns the last logged metrics."""
+    # Everything that can be wrong with the input is found before the workdir is touched.
     _check_scalars(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch(config.batch_size, config.grad_accum_steps, mesh, jax.process_count())
@@ -77,22 +134,30 @@ def run(config, workdir: str) -> dict[str, float]:
     tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps)
     rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
     train_iter = data_lib.make_train_iterator(config.data, config.batch_size, config.seed)
+    _check_workdir(workdir)
+    lock = _lock_workdir(workdir)
+    try:
+        return _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter)
+    finally:
+        if lock is not None:
+            lock.close()
 
-    os.makedirs(workdir, exist_ok=True)
+
+def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter) -> dict[str, float]:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                         config.keep_checkpoints)
     graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
     shardings = steps.state_shardings(abstract_params, tx, mesh)
-    latest = ckpt.latest_step()
-    if latest is None:
+    target = steps.abstract_state(shardings, task, tx, mesh, rules)
+    state = ckpt.restore_latest(target, train_iter)
+    if state is None:
         graphdef, state, _ = steps.init_state(task, tx, mesh, rules, config.seed)
-    else:
-        target = steps.abstract_state(shardings, task, tx, mesh, rules)
-        state = ckpt.restore(latest, target, train_iter)
     start = int(jax.device_get(state.step))
 
+    nan_at = config.get("debug_nan_at_step", -1)  # a logged step number: state.step + 1
     train_step = jax.jit(
-        steps.make_train_step(task, graphdef, tx, lr_schedule, config.grad_accum_steps),
+        steps.make_train_step(task, graphdef, tx, lr_schedule, config.grad_accum_steps,
+                              nan_at_step=nan_at - 1 if nan_at > 0 else None),
         in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
     eval_step = jax.jit(steps.make_eval_step(task, graphdef))
 
@@ -101,48 +166,74 @@ def run(config, workdir: str) -> dict[str, float]:
     peak = metrics_lib.peak_flops_total()
     meta = {"config": json.loads(config.to_json_best_effort()), "mesh": dict(mesh.shape),
             "process_count": jax.process_count()}
+    halt_on_nonfinite = config.get("on_nonfinite", "skip") == "halt"
     logger = metrics_lib.MetricsLogger(workdir, config.num_steps, start)
     if start:
         logger.message(f"resumed from step {start}")
 
     last: dict[str, float] = {}
-    window: list[dict] = []
+    window: list[tuple[int, dict]] = []  # (step, device metrics) since the last log
+    nonfinite_total, checked_upto, preempted = 0, start, False
     t_window, steps_in_window = time.perf_counter(), 0
-    with _StopFlag() as flag, partitioning.sharding_context(mesh, rules):
-        for step in range(start, config.num_steps):
-            batch = data_lib.to_global_batch(next(train_iter), mesh)
-            state, metrics = train_step(state, batch)
-            window.append(metrics)
-            steps_in_window += 1
-            done = step + 1
-            if done == start + 1:  # the first step compiles: keep it out of throughput
-                jax.block_until_ready(state.step)
-                t_window, steps_in_window = time.perf_counter(), 0
-            if done % config.log_every == 0 or done == config.num_steps:
-                last = _mean_metrics(window)
-                elapsed = time.perf_counter() - t_window
-                if steps_in_window:
-                    per_sec = steps_in_window / elapsed
-                    for unit, n in units.items():
-                        last[f"{unit}_per_sec"] = n * per_sec
-                    last["mfu"] = flops_per_step * per_sec / peak
-                logger.write(done, last)
-                window, t_window, steps_in_window = [], time.perf_counter(), 0
-            if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
-                eval_metrics = evaluate(eval_step, state.params, config, mesh)
-                logger.write(done, eval_metrics)
-                last.update(eval_metrics)
-                t_window, steps_in_window = time.perf_counter(), 0
-            logger.advance(done)
-            stop = flag.stop
-            ckpt.save(done, state, train_iter, {**meta, "step": done},
-                      force=stop or done == config.num_steps)
-            if stop:
-                logger.message(f"SIGTERM: saved step {done}, exiting")
-                break
-    ckpt.close()
-    logger.close()
-    if config.get("sample_steps", 0) and start < config.num_steps:
+
+    def check_nonfinite() -> None:
+        """Counts new non-finite steps (their updates were dropped on device); with
+        on_nonfinite=halt, stops the run before anything else is saved."""
+        nonlocal nonfinite_total, checked_upto
+        pending = [(s, m) for s, m in window if s > checked_upto]
+        flags = jax.device_get([m["nonfinite"] for _, m in pending])
+        bad = [s for (s, _), f in zip(pending, flags) if f > 0]
+        checked_upto = pending[-1][0] if pending else checked_upto
+        nonfinite_total += len(bad)
+        if bad and halt_on_nonfinite:
+            raise TrainingHalted(
+                f"non-finite loss or gradients at step {bad[0]} (on_nonfinite=halt); no checkpoint "
+                f"written after step {ckpt.latest_step() or 0}")
+        for s in bad:
+            logger.message(f"warning: step {s}: non-finite loss or gradients, update skipped")
+
+    preemption = _Preemption(ckpt)
+    try:
+        with preemption, partitioning.sharding_context(mesh, rules):
+            for step in range(start, config.num_steps):
+                state, metrics = train_step(state, data_lib.to_global_batch(next(train_iter), mesh))
+                done = step + 1
+                window.append((done, metrics))
+                steps_in_window += 1
+                if done == start + 1:  # the first step compiles: keep it out of throughput
+                    jax.block_until_ready(state.step)
+                    t_window, steps_in_window = time.perf_counter(), 0
+                preempted = preemption.reached(done)
+                save = preempted or done == config.num_steps or ckpt.due(done)
+                if done % config.log_every == 0 or done == config.num_steps:
+                    check_nonfinite()
+                    host = jax.device_get([m for _, m in window])
+                    last = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
+                    last["nonfinite_steps"] = nonfinite_total
+                    if steps_in_window:
+                        per_sec = steps_in_window / (time.perf_counter() - t_window)
+                        last.update({f"{u}_per_sec": n * per_sec for u, n in units.items()})
+                        last["mfu"] = flops_per_step * per_sec / peak
+                    logger.write(done, last)
+                    window, t_window, steps_in_window = [], time.perf_counter(), 0
+                if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
+                    eval_metrics = evaluate(eval_step, state.params, config, mesh)
+                    logger.write(done, eval_metrics)
+                    last.update(eval_metrics)
+                    t_window, steps_in_window = time.perf_counter(), 0
+                logger.advance(done)
+                if save:
+                    check_nonfinite()
+                    if not _params_finite(state.params):
+                        raise TrainingHalted(f"parameters are not finite at step {done}; not saving")
+                    ckpt.save(done, state, train_iter, {**meta, "step": done}, force=True)
+                if preempted:
+                    logger.message(f"preempted: saved step {done}, exiting")
+                    break
+    finally:
+        ckpt.close()  # waits for in-flight saves to commit
+        logger.close()
+    if config.get("sample_steps", 0) and start < config.num_steps and not preempted:
         text = sample_text(task, graphdef, state.params, config, mesh, rules)
         if jax.process_index() == 0:
             print(f"--- sample ({config.sample_steps} tokens) ---\n{text}\n---", flush=True)

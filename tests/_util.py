@@ -1,0 +1,74 @@
+"""Helpers shared by the trainer tests: tiny configs, metrics readers, subprocess runners."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from configs import lm as lm_configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tiny LM of the trainer tests, as config overrides (flattened keys).
+TINY_LM = {
+    "model.d_model": 32, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
+    "model.ffn_dim": 64, "model.max_seq_len": 64, "data.seq_len": 32, "data.eval_max_batches": 2,
+    "num_steps": 6, "batch_size": 16, "log_every": 1, "eval_every": 0, "checkpoint_every": 3,
+    "sample_steps": 0, "optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
+}
+
+
+def tiny_lm(**overrides):
+    c = lm_configs.get_config("demo")
+    c.update_from_flattened_dict({**TINY_LM, **overrides})
+    return c
+
+
+def cli_flags(**overrides) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in {**TINY_LM, **overrides}.items()]
+
+
+def read_metrics(workdir):
+    path = os.path.join(str(workdir), "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(workdir):
+    """step -> loss; for steps logged twice (replayed after a crash) the last entry wins."""
+    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(devices: int = 8) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def start_trainer(*args, devices: int = 8, **popen_kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=cpu_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
+
+
+def run_trainer(*args, devices: int = 8, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=cpu_env(devices),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_two_processes(workdir, **overrides):
+    """`python -m train` as 2 processes x 4 CPU devices (gloo over loopback)."""
+    port = free_port()
+    args = ["--config=configs/lm.py:demo", f"--workdir={workdir}", *cli_flags(**overrides),
+            f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+    procs = [start_trainer(*args, f"--process_id={i}", devices=4) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]

@@ -1,0 +1,287 @@
+"""Reliability guarantees, each tested on real processes and real files:
+
+exact resume after SIGKILL, resume on another mesh / process count, SIGTERM preemption,
+damaged checkpoints, non-finite steps, and bad input rejected before anything is touched.
+"""
+
+import fcntl
+import os
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from _util import (cli_flags, read_metrics, run_trainer, run_two_processes, start_trainer, tiny_lm,
+                   train_losses)
+
+from train import trainer
+from train.errors import TrainingHalted
+
+
+def saved_params(workdir, step):
+    """The params of checkpoint `step` as host numpy arrays (no target: as saved)."""
+    path = os.path.join(str(workdir), "checkpoints", str(step), "state")
+    with ocp.StandardCheckpointer() as ckpt:
+        state = ckpt.restore(path)
+    return jax.tree.map(np.asarray, state["params"])
+
+
+def assert_bitwise_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+_REFERENCE = {}
+
+
+def reference_run(tmp_path_factory, num_steps=12):
+    """An uninterrupted in-process run of the tiny LM (8 devices), cached per length."""
+    if num_steps not in _REFERENCE:
+        workdir = tmp_path_factory.mktemp(f"reference{num_steps}")
+        trainer.run(tiny_lm(num_steps=num_steps, checkpoint_every=2, keep_checkpoints=0), str(workdir))
+        _REFERENCE[num_steps] = workdir
+    return _REFERENCE[num_steps]
+
+
+def wait_for_step(workdir, step, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logged = [m["step"] for m in read_metrics(workdir) if "loss" in m]
+        if logged and max(logged) >= step:
+            return max(logged)
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+# ---------------------------------------------------------------- 1. exact resume after SIGKILL
+
+
+def test_sigkill_then_same_command_is_bitwise_identical(tmp_path, tmp_path_factory):
+    reference = reference_run(tmp_path_factory)
+    workdir = tmp_path / "killed"
+    args = ["--config=configs/lm.py:demo", f"--workdir={workdir}",
+            *cli_flags(num_steps=12, checkpoint_every=2, keep_checkpoints=0)]
+    proc = start_trainer(*args)
+    killed_after = wait_for_step(workdir, 7, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert killed_after < 12
+    # Whatever was in flight (an async save, metrics) is ignored or replayed.
+    result = run_trainer(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_bitwise_equal(saved_params(workdir, 12), saved_params(reference, 12))
+    ref_losses, losses = train_losses(reference), train_losses(workdir)
+    assert sorted(losses) == list(range(1, 13))
+    for step in range(1, 13):
+        assert losses[step] == ref_losses[step], step
+
+
+# ------------------------------------------------------- 2. another mesh / process count
+
+
+def test_resume_on_a_different_mesh(tmp_path, tmp_path_factory):
+    reference = reference_run(tmp_path_factory, num_steps=6)
+    workdir = str(tmp_path / "remesh")
+    trainer.run(tiny_lm(num_steps=4, checkpoint_every=2, **{"mesh.data": 8}), workdir)
+    saved = saved_params(workdir, 4)
+    trainer.run(tiny_lm(num_steps=6, checkpoint_every=2, **{"mesh.data": 2, "mesh.fsdp": 4}), workdir)
+    # The checkpoint restored onto the 2x4 mesh holds exactly the saved values.
+    from train import checkpoint, mesh as mesh_lib, optim, steps, tasks
+    from train.data import make_train_iterator
+
+    config = tiny_lm(**{"mesh.data": 2, "mesh.fsdp": 4})
+    mesh = mesh_lib.make_mesh(config.mesh)
+    task = tasks.make_task(config)
+    tx, _ = optim.make_optimizer(config.optimizer, config.num_steps)
+    _, abstract = steps.abstract_model(task, mesh, None)
+    target = steps.abstract_state(steps.state_shardings(abstract, tx, mesh), task, tx, mesh, None)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 2, 0)
+    restored = ckpt.restore(4, target, make_train_iterator(config.data, 16, 0))
+    ckpt.close()
+    assert_bitwise_equal(jax.tree.map(np.asarray, restored.params), saved)
+    embed = restored.params["embed"]
+    assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert embed.sharding.shard_shape(embed.shape) == (384, 8)  # 32 columns over fsdp=4
+    ref, got = train_losses(reference), train_losses(workdir)
+    for step in (5, 6):
+        np.testing.assert_allclose(got[step], ref[step], rtol=0, atol=1e-5)
+
+
+def test_saved_by_two_processes_resumed_by_one(tmp_path, tmp_path_factory):
+    reference = reference_run(tmp_path_factory, num_steps=6)
+    workdir = tmp_path / "procs"
+    run_two_processes(workdir, num_steps=4, checkpoint_every=2)
+    trainer.run(tiny_lm(num_steps=6, checkpoint_every=2), str(workdir))
+    ref, got = train_losses(reference), train_losses(workdir)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in got:
+        np.testing.assert_allclose(got[step], ref[step], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ 3. preemption
+
+
+def test_sigterm_checkpoints_within_a_step_exits_0_and_resumes(tmp_path):
+    workdir = tmp_path / "preempt"
+    args = ["--config=configs/lm.py:demo", f"--workdir={workdir}",
+            *cli_flags(num_steps=100_000, checkpoint_every=0)]
+    proc = start_trainer(*args)
+    at_signal = wait_for_step(workdir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    saved = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+    assert len(saved) == 1 and at_signal <= saved[0] <= at_signal + 2, (saved, at_signal)
+    assert "preempted: saved step" in err
+
+    proc = start_trainer(*args)  # the same command resumes
+    wait_for_step(workdir, saved[0] + 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    steps = [m["step"] for m in read_metrics(workdir) if "loss" in m]
+    assert steps[: saved[0]] == list(range(1, saved[0] + 1))
+    assert steps[saved[0]] == saved[0] + 1 or steps[saved[0]] <= saved[0]  # resumed at the save
+
+
+# ------------------------------------------------------------------ 4. damaged checkpoints
+
+
+def _truncate_largest_data_file(step_dir):
+    files = [os.path.join(root, f) for root, _, names in os.walk(step_dir / "state") for f in names]
+    victim = max(files, key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+
+
+def _remove_manifest(step_dir):
+    os.remove(step_dir / "state" / "manifest.ocdbt")
+
+
+def _remove_metadata(step_dir):
+    os.remove(step_dir / "state" / "_METADATA")
+
+
+@pytest.mark.parametrize("damage", [_truncate_largest_data_file, _remove_manifest, _remove_metadata])
+def test_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, tmp_path_factory, capfd, damage):
+    reference = reference_run(tmp_path_factory, num_steps=8)
+    workdir = tmp_path / "damaged"
+    trainer.run(tiny_lm(num_steps=6, checkpoint_every=2, keep_checkpoints=2), str(workdir))
+    ckpts = workdir / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["4", "6"]
+    damage(ckpts / "6")
+    # An async save that never committed: orbax's temporary directory for step 8.
+    shutil.copytree(ckpts / "4", ckpts / "8.orbax-checkpoint-tmp-1700000000000000")
+    capfd.readouterr()
+    trainer.run(tiny_lm(num_steps=8, checkpoint_every=2, keep_checkpoints=2), str(workdir))
+    warnings = [l for l in capfd.readouterr().err.splitlines() if l.startswith("warning: skipped")]
+    assert len(warnings) == 1 and f"{ckpts / '6'}" in warnings[0], warnings
+    assert (ckpts / "6.corrupt").is_dir()  # moved aside, never deleted
+    assert {"6", "8"} <= set(os.listdir(ckpts))
+    # Resumed from step 4: the rest of the run is exactly the uninterrupted one.
+    ref, got = train_losses(reference), train_losses(workdir)
+    for step in (5, 6, 7, 8):
+        assert got[step] == ref[step], step
+    assert_bitwise_equal(saved_params(workdir, 8), saved_params(reference, 8))
+
+
+# --------------------------------------------------------------------- 5. non-finite steps
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, tmp_path_factory):
+    reference = reference_run(tmp_path_factory, num_steps=6)
+    workdir = tmp_path / "skip"
+    last = trainer.run(tiny_lm(num_steps=6, checkpoint_every=2, debug_nan_at_step=3), str(workdir))
+    assert last["nonfinite_steps"] == 1
+    metrics = {m["step"]: m for m in read_metrics(workdir) if "loss" in m}
+    assert not np.isfinite(metrics[3]["grad_norm"])
+    # Step 3's update was dropped: params after step 3 equal those after step 2.
+    ref = train_losses(reference)
+    assert metrics[1]["loss"] == ref[1] and metrics[2]["loss"] == ref[2]
+    for step in (2, 4, 6):
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved_params(workdir, step)))
+
+
+def test_nonfinite_step_halts_without_saving(tmp_path):
+    workdir = tmp_path / "halt"
+    with pytest.raises(TrainingHalted, match="non-finite loss or gradients at step 3"):
+        trainer.run(tiny_lm(num_steps=6, checkpoint_every=2, debug_nan_at_step=3, on_nonfinite="halt"),
+                    str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    result = run_trainer("--config=configs/lm.py:demo", f"--workdir={tmp_path / 'halt_cli'}",
+                         *cli_flags(num_steps=6, checkpoint_every=2, debug_nan_at_step=3,
+                                    on_nonfinite="halt"))
+    assert result.returncode == 3
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "step 3" in errors[0] and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- 6. bad input
+
+
+def _snapshot(path):
+    """(file, mtime) of everything a run wrote; the `.lock` file (pid of the last trainer
+    that held the workdir) is bookkeeping, not run data."""
+    return sorted((os.path.relpath(os.path.join(r, f), path), os.path.getmtime(os.path.join(r, f)))
+                  for r, _, fs in os.walk(path) for f in fs if f != ".lock")
+
+
+BAD_INPUT = [
+    (["--config.no_such_key=1"], "no_such_key"),
+    (["--config.num_steps=abc"], "num_steps"),
+    (["--config.num_steps=-5"], "num_steps must be a non-negative integer"),
+    (["--config.mesh.data=3"], "3 devices, but 8 are available"),
+    (["--config.batch_size=12"], "not divisible by the data-parallel size"),
+    (["--config.optimizer.name=adam"], "optimizer.name must be one of"),
+    (["--config.data.seq_len=100", "--config.model.max_seq_len=64"], "exceeds the model's max_seq_len"),
+    (["--config.data.name=imagenet2012", "--config.data.kind=image", "--config.data.data_dir=/nonexistent/tfds"],
+     "imagenet2012"),
+    (["--config.on_nonfinite=ignore"], "on_nonfinite must be one of"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUT)
+def test_bad_input_one_line_exit_2_workdir_untouched(tmp_path, extra, message):
+    workdir = tmp_path / "never_created"
+    result = run_trainer("--config=configs/lm.py:demo", f"--workdir={workdir}",
+                         *cli_flags(num_steps=2), *extra)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_workdir_not_writable(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = run_trainer("--config=configs/lm.py:demo", f"--workdir={blocker / 'run'}", *cli_flags(num_steps=2))
+    assert result.returncode == 2 and "is not a directory" in result.stderr, result.stderr[-2000:]
+
+
+def test_checkpoint_of_another_model_shape_names_the_parameter(tmp_path):
+    workdir = tmp_path / "shape"
+    trainer.run(tiny_lm(num_steps=2, checkpoint_every=2), str(workdir))
+    before = _snapshot(workdir)
+    result = run_trainer("--config=configs/lm.py:demo", f"--workdir={workdir}",
+                         *cli_flags(num_steps=4, **{"model.ffn_dim": 96}))
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert "['layers']['mlp']['down']" in errors[0] and "(2, 64, 32)" in errors[0], errors
+    assert _snapshot(workdir) == before  # the good checkpoint is untouched
+
+
+def test_second_trainer_on_the_same_workdir_is_refused(tmp_path):
+    workdir = tmp_path / "locked"
+    workdir.mkdir()
+    with open(workdir / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("12345")
+        held.flush()
+        result = run_trainer("--config=configs/lm.py:demo", f"--workdir={workdir}", *cli_flags(num_steps=2))
+    assert result.returncode == 2 and "is in use by another trainer (pid 12345)" in result.stderr
+    assert sorted(os.listdir(workdir)) == [".lock"]

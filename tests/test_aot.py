@@ -74,3 +74,12 @@ def test_cli_exit_codes():
 def test_unknown_topology_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown TPU topology"):
         aot.topology_devices("v4:2x2x2x2")
+
+
+def test_hybrid_mesh_over_two_slices():
+    devices, _ = aot.topology_devices("v5e:2x2", num_slices=2)
+    mesh = aot.mesh_lib.make_mesh({"data": -1, "fsdp": 2, "dcn_data": 2}, devices)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    slices = [[d.slice_index for d in row] for row in mesh.devices[:, :, 0]]
+    # The DCN factor is the outer part of `data`: only data-parallel traffic crosses slices.
+    assert slices == [[0, 0], [0, 0], [1, 1], [1, 1]]

@@ -1,6 +1,8 @@
 """Compile the real train step for a TPU topology on this CPU and report memory and speed.
 
     python -m train.aot --config=configs/vit.py:B/16 --topology=v4:2x2x2 [--json]
+    python -m train.aot --config=configs/lm.py:8b --topology=v5e:16x16 --num_slices=2 \
+        --config.mesh.dcn_data=2
 
 Needs libtpu (`pip install -e '.[tpu]'`); nothing touches a chip. Prints parameters,
 per-chip bytes of params / optimizer state / temporaries / total against the chip's HBM,
@@ -35,8 +37,9 @@ from train.errors import ConfigError, UserError  # noqa: E402
 _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 
 
-def topology_devices(topology: str):
-    """(devices, Chip) of a TPU slice like 'v4:2x2x2' or 'v5e:4x4' (one device per chip)."""
+def topology_devices(topology: str, num_slices: int = 1):
+    """(devices, Chip) of `num_slices` TPU slices like 'v4:2x2x2' or 'v5e:4x4' (one device
+    per chip); with several slices, devices carry `slice_index` for a hybrid DCN mesh."""
     match = _TOPOLOGY.match(topology)
     if not match:
         raise ConfigError(
@@ -44,7 +47,11 @@ def topology_devices(topology: str):
     chip = hardware.CHIPS[match.group(1)]
     from jax.experimental import topologies
 
+    if not isinstance(num_slices, int) or num_slices < 1:
+        raise ConfigError(f"--num_slices must be a positive integer, got {num_slices!r}")
     kwargs = {"chip_config_name": "megacore"} if chip.megacore else {}
+    if num_slices > 1:
+        kwargs["num_slices"] = num_slices
     dims = [int(d) for d in match.group(2).split("x")]
     try:
         desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
@@ -109,15 +116,15 @@ def _per_step_cost(config, mesh, task) -> tuple[float, float]:
             (b1 + (depth - 1) * (b2 - b1)) * config.grad_accum_steps)
 
 
-def compile_report(config, topology: str) -> dict:
-    """Compiles the train step of `config` for `topology`; returns the report dict."""
-    devices, chip = topology_devices(topology)
+def compile_report(config, topology: str, num_slices: int = 1) -> dict:
+    """Compiles the train step of `config` for `topology` (x `num_slices`); returns the report."""
+    devices, chip = topology_devices(topology, num_slices)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     num_hosts = len({d.process_index for d in devices})
     mesh_lib.check_batch(config.batch_size, config.grad_accum_steps, mesh, num_hosts)
     task, state, lowered = _lowered_train_step(config, mesh)
     report = {
-        "topology": topology, "chips": len(devices), "device_kind": devices[0].device_kind,
+        "topology": topology if num_slices == 1 else f"{num_slices} x {topology}", "chips": len(devices), "device_kind": devices[0].device_kind,
         "mesh": dict(mesh.shape),
         "params": int(sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))),
         "batch_size": config.batch_size,
@@ -186,13 +193,14 @@ def format_report(r: dict) -> str:
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: configs/<file>.py:<variant>.")
 _TOPOLOGY_FLAG = flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:2x2x2 or v5e:16x16.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN; set config.mesh.dcn_*).")
 _JSON = flags.DEFINE_bool("json", False, "Print the report as JSON.")
 
 
 def main(argv) -> None:
     del argv
     try:
-        report = compile_report(_CONFIG.value, _TOPOLOGY_FLAG.value)
+        report = compile_report(_CONFIG.value, _TOPOLOGY_FLAG.value, _NUM_SLICES.value)
     except UserError as e:
         cli.fail(str(e))
     print(json.dumps(report, indent=1) if _JSON.value else format_report(report), flush=True)

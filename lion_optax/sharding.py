@@ -19,9 +19,10 @@ def state_shardings(
     """Shardings for `optimizer.init(params)`: each param-shaped leaf like its param.
 
     Works for any optax transform or chain (`lion`, `inject_hyperparams`, `MultiSteps`,
-    `chain(clip_by_global_norm, ...)`): state leaves that mirror the parameter tree
-    (momentum, accumulated gradients, ...) take the parameter's sharding; everything
-    else (step counters, injected hyperparameters) is replicated. Use the result as
+    `chain(clip_by_global_norm, ...)`, `adafactor`): state leaves that mirror the parameter
+    tree with the parameter's shape (momentum, accumulated gradients, ...) take its
+    sharding; everything else (step counters, injected hyperparameters, Adafactor's
+    factored row/column statistics) is replicated. Use the result as
     `out_shardings` of a jitted init so the state is born sharded:
 
         shardings = state_shardings(opt, abstract_params)
@@ -49,10 +50,15 @@ def state_shardings(
             f"got {type(first).__name__}"
         )
     abstract_state = jax.eval_shape(optimizer.init, params)
+
+    def like_param(leaf, sharding, param):
+        return sharding if tuple(leaf.shape) == tuple(param.shape) else replicated
+
     return optax.tree_map_params(
         optimizer,
-        lambda _, sharding: sharding,
+        like_param,
         abstract_state,
         param_shardings,
+        params,
         transform_non_params=lambda _: replicated,
     )

@@ -131,3 +131,11 @@ def test_two_processes_train_save_and_resume(tmp_path):
     single = train_losses_of(tmp_path / "single", {"mesh.data": 8, "num_steps": 4})
     for step in losses:
         np.testing.assert_allclose(losses[step], single[step], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_baseline_optimizers_train(tmp_path, name):
+    last = trainer.run(tiny_lm(**{"optimizer.name": name, "num_steps": 3, "checkpoint_every": 3}), str(tmp_path))
+    losses = train_losses(str(tmp_path))
+    assert sorted(losses) == [1, 2, 3] and np.isfinite(last["loss"])
+    assert losses[3] < losses[1]

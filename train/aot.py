@@ -116,8 +116,12 @@ def _per_step_cost(config, mesh, task) -> tuple[float, float]:
             (b1 + (depth - 1) * (b2 - b1)) * config.grad_accum_steps)
 
 
-def compile_report(config, topology: str, num_slices: int = 1) -> dict:
-    """Compiles the train step of `config` for `topology` (x `num_slices`); returns the report."""
+def compile_report(config, topology: str, num_slices: int = 1, *, roofline: bool = True) -> dict:
+    """Compiles the train step of `config` for `topology` (x `num_slices`); returns the report.
+
+    `roofline=False` skips the two small probe compiles that only the FLOP / HBM-traffic
+    roofline needs (memory and fit are always reported).
+    """
     devices, chip = topology_devices(topology, num_slices)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     num_hosts = len({d.process_index for d in devices})
@@ -149,14 +153,15 @@ def compile_report(config, topology: str, num_slices: int = 1) -> dict:
     mem = compiled.memory_analysis()
     live = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     total = live + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
+    report.update(temp_bytes_per_chip=mem.temp_size_in_bytes, total_bytes_per_chip=total,
+                  fits=total <= chip.hbm_limit)
+    if not roofline:
+        return report
     flops = task.flops_per_example() * config.batch_size
     xla_flops, hbm_bytes = _per_step_cost(config, mesh, task)
     compute_s = flops / (chip.peak_flops * len(devices))
     step_s = max(compute_s, hbm_bytes / chip.hbm_bandwidth)
     report.update(
-        temp_bytes_per_chip=mem.temp_size_in_bytes,
-        total_bytes_per_chip=total,
-        fits=total <= chip.hbm_limit,
         flops_per_step=flops,
         xla_flops_per_chip=xla_flops,
         hbm_bytes_per_step_per_chip=hbm_bytes,

@@ -1,0 +1,155 @@
+"""Train-step speed of Lion vs AdamW (and Adafactor): measured on this CPU, estimated for TPU.
+
+CPU: the LM and ViT demo train steps (configs/lm.py:demo, configs/vit.py:demo), built as
+`train.trainer` builds them (sharded `init_state`, jitted donated `make_train_step`, a real
+batch from the demo's data pipeline), timed in interleaved rounds so every optimizer sees
+the same machine load. Reports the median step time, steps/s, MFU against the CPU matmul
+peak measured in the same run, and each optimizer's step time over Lion's.
+
+TPU: the roofline step time and MFU that `train.aot.compile_report` derives from the step
+compiled ahead of time (model FLOPs vs XLA's HBM traffic) for ViT-B/16 on v4:2x2x2 (remat
+full) and the 1b decoder on v5e:2x2 (small batch).
+
+    python benchmarks/train_step.py [--steps 20] [--rounds 5] [--only cpu|tpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")  # libtpu must not open a chip
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+
+from configs import lm as lm_configs  # noqa: E402
+from configs import vit as vit_configs  # noqa: E402
+from models import partitioning  # noqa: E402
+from train import aot, optim, steps, tasks  # noqa: E402
+from train import data as data_lib  # noqa: E402
+from train import mesh as mesh_lib  # noqa: E402
+from train import metrics as metrics_lib  # noqa: E402
+
+# (name, config module, variant, optimizers); Lion first: ratios are relative to it.
+CPU_CASES = (("LM demo", lm_configs, "demo", ("lion", "adamw", "adafactor")),
+             ("ViT demo", vit_configs, "demo", ("lion", "adamw")))
+
+
+class StepRunner:
+    """One config's state and jitted train step, built like `train.trainer._train`."""
+
+    def __init__(self, config):
+        self.config = config
+        mesh = mesh_lib.make_mesh(config.mesh)
+        task = tasks.make_task(config)
+        tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps)
+        rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
+        self.context = lambda: partitioning.sharding_context(mesh, rules)
+        graphdef, self.state, shardings = steps.init_state(task, tx, mesh, rules, config.seed)
+        self.step = jax.jit(
+            steps.make_train_step(task, graphdef, tx, lr_schedule, config.grad_accum_steps),
+            in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+        batches = data_lib.make_train_iterator(config.data, config.batch_size, config.seed)
+        self.batch = data_lib.to_global_batch(next(batches), mesh)  # reused: times compute only
+        self.flops_per_step = task.flops_per_example() * config.batch_size
+        self.seconds: list[float] = []  # per-step time of each timed round
+        self.run(2)  # compile and warm up
+
+    def run(self, num_steps: int) -> float:
+        """Seconds per step over `num_steps` steps, waiting for the last one."""
+        with self.context():
+            start = time.perf_counter()
+            for _ in range(num_steps):
+                self.state, metrics = self.step(self.state, self.batch)
+            jax.block_until_ready((self.state, metrics))
+        return (time.perf_counter() - start) / num_steps
+
+
+def cpu_table(num_steps: int, rounds: int) -> str:
+    peak = metrics_lib.measure_matmul_flops()
+    runners, failed = {}, {}
+    for name, module, variant, optimizers in CPU_CASES:
+        for opt in optimizers:
+            config = module.get_config(variant)
+            config.optimizer.name = opt
+            try:
+                runners[name, opt] = StepRunner(config)
+            except Exception as e:  # keep timing the others; show the failure in the table
+                failed[name, opt] = type(e).__name__
+                print(f"  {name} {opt}: {type(e).__name__}: {str(e).splitlines()[0]}",
+                      file=sys.stderr, flush=True)
+    for _ in range(rounds):  # interleaved: each round times every runner once
+        for runner in runners.values():
+            runner.seconds.append(runner.run(num_steps))
+
+    lines = [f"CPU ({os.cpu_count()} cores, {jax.devices()[0].device_kind}), measured float32 matmul "
+             f"peak {peak / 1e9:.1f} GFLOP/s; median of {rounds} interleaved rounds x {num_steps} steps:",
+             "", "| model | batch | optimizer | ms/step | steps/s | MFU | step time / Lion |",
+             "|---|---|---|---|---|---|---|"]
+    for (name, opt), runner in runners.items():
+        seconds = statistics.median(runner.seconds)
+        lion = statistics.median(runners[name, "lion"].seconds)
+        lines.append(f"| {name} | {runner.config.batch_size} | {opt} | {seconds * 1e3:.2f} | "
+                     f"{1 / seconds:.1f} | {runner.flops_per_step / seconds / peak:.1%} | "
+                     f"{seconds / lion:.3f} |")
+    for (name, opt), error in failed.items():
+        lines.append(f"| {name} | | {opt} | error: {error} | | | |")
+    return "\n".join(lines)
+
+
+def tpu_cases():
+    """(label, config, topology) of the AOT roofline estimates."""
+    for opt in ("lion", "adamw"):
+        c = vit_configs.get_config("B/16")
+        c.optimizer.name, c.model.remat = opt, "full"
+        yield f"ViT-B/16, batch {c.batch_size}, remat full", c, "v4:2x2x2"
+    for opt in ("lion", "adamw"):
+        c = lm_configs.get_config("1b")
+        c.optimizer.name, c.batch_size = opt, 8
+        yield f"1b decoder, batch {c.batch_size}x{c.data.seq_len}, remat full", c, "v5e:2x2"
+
+
+def tpu_table() -> str:
+    lines = ["TPU roofline (train.aot: compiled ahead of time on this CPU; step time = max(model "
+             "FLOPs / peak, XLA HBM bytes / bandwidth)):", "",
+             "| model | slice | optimizer | fits | roofline ms/step | roofline MFU | step time / Lion |",
+             "|---|---|---|---|---|---|---|"]
+    lion_seconds = {}
+    for label, config, topology in tpu_cases():
+        start = time.perf_counter()
+        r = aot.compile_report(config, topology)
+        print(f"  {label} {topology} {r['optimizer']}: {time.perf_counter() - start:.0f} s, "
+              f"roofline {r.get('roofline_step_seconds')} s, MFU {r.get('roofline_mfu')}",
+              file=sys.stderr, flush=True)
+        if "roofline_step_seconds" not in r:  # did not fit: no estimate
+            lines.append(f"| {label} | {topology} | {r['optimizer']} | no | | | |")
+            continue
+        seconds = r["roofline_step_seconds"]
+        lion_seconds.setdefault(label, seconds)
+        lines.append(f"| {label} | {topology} | {r['optimizer']} | {'yes' if r['fits'] else 'no'} | "
+                     f"{seconds * 1e3:.1f} | {r['roofline_mfu']:.1%} | {seconds / lion_seconds[label]:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--only", choices=("cpu", "tpu"), help="build just one of the two tables")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    if args.only != "tpu":
+        print(cpu_table(args.steps, args.rounds) + "\n", flush=True)
+    if args.only != "cpu":
+        print(tpu_table() + "\n", flush=True)
+    print(f"total {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,6 @@
 """lion_optax: equality to optax.lion and to the paper's Algorithm 2, momentum dtype,
 masks, the AdamW mapping, sharding, and integration with optax / flax / orbax."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -109,9 +109,13 @@ def _lock_workdir(workdir: str):
     return handle
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _params_finite(params) -> bool:
-    return bool(jax.jit(lambda p: jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))(params))
+    return bool(_all_finite(params))
 
 
 def evaluate(eval_step, params, config, mesh) -> dict[str, float]:

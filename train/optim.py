@@ -46,7 +46,8 @@ def make_schedule(peak: float, num_steps: int, opt_cfg: Mapping) -> optax.Schedu
     elif kind == "linear":
         after = optax.linear_schedule(peak, end, decay_steps)
     elif kind == "rsqrt":
-        after = lambda count: peak * jnp.sqrt(max(warmup, 1) / (count + max(warmup, 1)))  # noqa: E731
+        scale = max(warmup, 1)
+        after = lambda count: peak * jnp.sqrt(scale / (jnp.maximum(count, 0) + scale))  # noqa: E731
     else:
         after = optax.constant_schedule(peak)
     if warmup == 0:
@@ -73,7 +74,10 @@ def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTran
         tx = optax.adamw(lr, weight_decay=wd, mask=mask,
                          mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype), **hp)
     else:
-        tx = optax.adafactor(lr, weight_decay_rate=wd or None, weight_decay_mask=mask, **hp)
+        # optax.adafactor applies `weight_decay_rate` per step, not times the learning rate;
+        # pass lr(t) * wd so weight_decay means the same for every optimizer here.
+        decay = (lambda count: lr(count) * wd) if wd else None
+        tx = optax.adafactor(lr, weight_decay_rate=decay, weight_decay_mask=mask, **hp)
     clip = opt_cfg.get("grad_clip_norm")
     if clip:
         tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)

@@ -50,7 +50,9 @@ class StepRunner:
         tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps)
         rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
         self.context = lambda: partitioning.sharding_context(mesh, rules)
-        graphdef, self.state, shardings = steps.init_state(task, tx, mesh, rules, config.seed)
+        graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
+        shardings = steps.state_shardings(abstract_params, tx, mesh)
+        self.state = steps.init_state(task, tx, shardings, mesh, rules, config.seed)
         self.step = jax.jit(
             steps.make_train_step(task, graphdef, tx, lr_schedule, config.grad_accum_steps),
             in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)

@@ -99,7 +99,7 @@ def test_resume_on_a_different_mesh(tmp_path, tmp_path_factory):
     task = tasks.make_task(config)
     tx, _ = optim.make_optimizer(config.optimizer, config.num_steps)
     _, abstract = steps.abstract_model(task, mesh, None)
-    target = steps.abstract_state(steps.state_shardings(abstract, tx, mesh), task, tx, mesh, None)
+    target = steps.abstract_state(abstract, steps.state_shardings(abstract, tx, mesh), tx)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 2, 0)
     restored = ckpt.restore(4, target, make_train_iterator(config.data, 16, 0))
     ckpt.close()

@@ -82,7 +82,7 @@ def _lowered_train_step(config, mesh):
     rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
     graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
     shardings = steps.state_shardings(abstract_params, tx, mesh)
-    state = steps.abstract_state(shardings, task, tx, mesh, rules)
+    state = steps.abstract_state(abstract_params, shardings, tx)
     batch_sharding = jax.sharding.NamedSharding(mesh, steps.BATCH_SPEC)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in task.example_batch_shapes(config.batch_size).items()}

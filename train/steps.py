@@ -51,10 +51,8 @@ def state_shardings(abstract_params, tx, mesh) -> TrainState:
     )
 
 
-def init_state(task, tx, mesh, rules, seed: int):
-    """(graphdef, TrainState) created directly in its shardings by one jitted init."""
-    graphdef, abstract_params = abstract_model(task, mesh, rules)
-    shardings = state_shardings(abstract_params, tx, mesh)
+def init_state(task, tx, shardings: TrainState, mesh, rules, seed: int) -> TrainState:
+    """The TrainState created directly in `shardings` by one jitted init."""
 
     def init(key):
         model = task.build(nnx.Rngs(params=key))
@@ -62,13 +60,11 @@ def init_state(task, tx, mesh, rules, seed: int):
         return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params), key)
 
     with partitioning.sharding_context(mesh, rules):
-        state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
-    return graphdef, state, shardings
+        return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
-def abstract_state(shardings: TrainState, task, tx, mesh, rules) -> TrainState:
+def abstract_state(abstract_params, shardings: TrainState, tx) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the train state: the restore target."""
-    _, abstract_params = abstract_model(task, mesh, rules)
     shapes = TrainState(
         jax.ShapeDtypeStruct((), jnp.int32), abstract_params,
         jax.eval_shape(tx.init, abstract_params), jax.ShapeDtypeStruct((2,), jnp.uint32))

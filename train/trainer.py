@@ -152,10 +152,10 @@ def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter) -> d
                         config.keep_checkpoints)
     graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
     shardings = steps.state_shardings(abstract_params, tx, mesh)
-    target = steps.abstract_state(shardings, task, tx, mesh, rules)
+    target = steps.abstract_state(abstract_params, shardings, tx)
     state = ckpt.restore_latest(target, train_iter)
     if state is None:
-        graphdef, state, _ = steps.init_state(task, tx, mesh, rules, config.seed)
+        state = steps.init_state(task, tx, shardings, mesh, rules, config.seed)
     start = int(jax.device_get(state.step))
 
     nan_at = config.get("debug_nan_at_step", -1)  # a logged step number: state.step + 1

@@ -13,6 +13,8 @@ Protocol, per task and optimizer:
      paper's rule (`lion_optax.adamw_to_lion_hparams`, factor 3: lr / 3, wd * 3), so against
      AdamW's centre lr it tries lr factors 9, 3 and 1, and keeps lr * wd equal to AdamW's.
      On the LM, Lion uses b1/b2 = 0.95/0.98 as in the paper.
+     If the best lr is at an edge of the grid, the sweep extends it by one more 3x step in
+     that direction (at most `MAX_EXTEND` times), so no optimizer is left at a grid edge.
   2. Keep the lr with the lowest final eval loss; rerun it with seeds 1 and 2.
 
 Outputs in --out: `compare_optimizers.png` (eval loss and accuracy vs step: seed mean, with
@@ -45,6 +47,7 @@ METRICS = ("eval_loss", "eval_accuracy")
 SEEDS = (0, 1, 2)
 LION_FACTOR = 3.0  # the paper's lr / wd mapping factor (3-10 recommended)
 VIT_STEPS, LM_STEPS = 800, 300
+MAX_EXTEND = 2  # extra 3x lr steps when the best lr sits at an edge of the grid
 
 
 @dataclasses.dataclass
@@ -114,6 +117,14 @@ def benchmark(task: Task, quick: bool, root: str) -> dict:
             grid = grid[1:2]
         try:
             sweep = {hp: train_once(task.config, opt, *hp, SEEDS[0], root) for hp in grid}
+            for _ in range(0 if quick else MAX_EXTEND):
+                ordered = sorted(sweep)  # by lr
+                best = min(sweep, key=lambda hp: sweep[hp]["eval_loss"][1][-1])
+                if best not in (ordered[0], ordered[-1]):
+                    break
+                lr, wd = best
+                step = 3.0 if best == ordered[-1] else 1 / 3
+                sweep[(lr * step, wd)] = train_once(task.config, opt, lr * step, wd, SEEDS[0], root)
         except Exception as e:  # reported in the table instead of losing the other optimizers
             print(f"  {opt}: failed: {type(e).__name__}: {e}", flush=True)
             results[opt] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
@@ -144,7 +155,7 @@ def table(all_results: dict[str, dict]) -> str:
             if "error" in r:
                 lines.append(f"| {task} | {opt} | failed: {r['error']} |||||||")
                 continue
-            sweep = ", ".join(f"{lr:.2g}: {v:.3f}" for (lr, _), v in r["sweep"].items())
+            sweep = ", ".join(f"{lr:.2g}: {v:.3f}" for (lr, _), v in sorted(r["sweep"].items()))
             stats = [f"{r[m][:, -1].mean():.4f} ± {r[m][:, -1].std():.4f}" for m in METRICS]
             reach = [steps_to_reach(r["steps"], r[m].mean(0), ref[m], m == "eval_loss") for m in METRICS]
             reach = ["never" if s is None else f"{s} / {r['steps'][-1]}" for s in reach]

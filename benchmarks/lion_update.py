@@ -1,11 +1,11 @@
 """One optimizer step (update + apply) on ~50M parameters, side by side in one run.
 
-Compares lion_optax.lion (bf16 and fp32 momentum) with optax.lion (bf16 and fp32) and
-optax.adamw: median wall time of the jitted, donated step on this machine's CPU and
-its ratio to ours, optimizer-state bytes per parameter, and XLA's
+Compares lion_optax.lion (bf16, fp32 and int8 momentum, stochastic rounding, cautious)
+with optax.lion (bf16 and fp32) and optax.adamw: median wall time of the jitted, donated
+step on this machine's CPU and its ratio to ours, optimizer-state bytes per parameter, and XLA's
 `cost_analysis()["bytes accessed"]` per parameter for CPU and, when libtpu is
 installed (`pip install -e '.[tpu]'`), for one TPU v5e chip compiled ahead of time
-(see `tpu_bytes_per_param` for the two TPU columns).
+(see `tpu_bytes_per_param` for the TPU columns).
 
     python benchmarks/lion_update.py [--layers 7] [--width 768] [--iters 15]
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import time
 
@@ -50,6 +51,11 @@ def contenders(lr: float = 1e-4, wd: float = 1.0) -> dict:
         "lion_optax bf16": lion_optax.lion(lr, weight_decay=wd, mask=mask),
         "optax.lion bf16": optax.lion(lr, mu_dtype=jnp.bfloat16, weight_decay=wd, mask=mask),
         "lion_optax fp32": lion_optax.lion(lr, weight_decay=wd, mask=mask, mu_dtype=jnp.float32),
+        "lion_optax int8": lion_optax.lion(lr, weight_decay=wd, mask=mask, mu_dtype=jnp.int8),
+        "lion_optax int8 SR": lion_optax.lion(lr, weight_decay=wd, mask=mask, mu_dtype=jnp.int8,
+                                              stochastic_rounding=True),
+        "lion_optax bf16 SR": lion_optax.lion(lr, weight_decay=wd, mask=mask, stochastic_rounding=True),
+        "lion_optax cautious": lion_optax.lion(lr, weight_decay=wd, mask=mask, cautious=True),
         "optax.lion fp32": optax.lion(lr, weight_decay=wd, mask=mask),
         "optax.adamw": optax.adamw(10 * lr, weight_decay=wd / 10, mask=mask),
     }
@@ -67,6 +73,82 @@ def tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+_ARRAY = re.compile(r"([a-z]+)(\d*)\w*\[([\d,]*)\](\{[^}]*\})?")  # dtype[dims]{layout}
+_FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all",
+         "add-dependency", "opt-barrier", "partition-id", "replica-id"}
+
+
+def _hbm(shape: str, anywhere: bool = False) -> int:
+    """Logical bytes of the arrays in an HLO shape (tuples included) that live in HBM
+    (no ``S(n)``, n > 0, in the layout), or wherever they live if ``anywhere``."""
+    total = 0
+    for kind, bits, dims, layout in _ARRAY.findall(shape):
+        if not anywhere and re.search(r"S\([1-9]\d*\)", layout):
+            continue  # VMEM, SMEM, sync flags, ...
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * (8 if kind == "pred" else int(bits or 0)) // 8
+    return total
+
+
+def _group_end(text: str, i: int) -> int:
+    """Index just past the bracket group opened at text[i]."""
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"(": 1, "{": 1, "[": 1, ")": -1, "}": -1, "]": -1}.get(text[j], 0)
+        if depth == 0:
+            return j + 1
+    raise ValueError(f"unbalanced HLO: {text[i:i + 80]!r}")
+
+
+def tpu_hbm_bytes(compiled) -> int:
+    """Estimated HBM bytes read + written by a TPU-compiled executable.
+
+    cost_analysis()["bytes accessed"] counts every operand and result access, including
+    those of buffers the TPU compiler placed in on-chip VMEM (layouts with ``S(1)``) and
+    both ends of the async ``copy-start`` that stages a tensor between HBM and VMEM, so
+    it overstates HBM traffic. This walks the ENTRY computation of the optimized HLO
+    (``compiled.as_text()``) instead: every instruction that does work reads each
+    distinct operand buffer that lives in HBM (memory space 0: no ``S(n)`` in its
+    layout) and writes each result buffer in HBM; bookkeeping ops (parameter, constant,
+    bitcast, tuple, get-tuple-element, ``*-done``, ...) move nothing. A ``copy-start`` /
+    ``slice-start`` moves its destination buffer (the result of the matching ``*-done``):
+    read if the source is in HBM, written if the destination is. Sizes are logical
+    (elements x dtype bytes), ignoring tile padding such as ``T(8,128)``.
+
+    An approximation: an operand counts as read whole and once per instruction (a
+    fusion that reads only a slice, or a tiled matmul that re-reads a block, is
+    miscounted); in-place results (e.g. dynamic-update-slice) count whole; and the
+    bodies of while/call/conditional ops in ENTRY are not walked.
+    """
+    text = compiled.as_text()
+    body = text[text.index("\nENTRY "):].split("\n}")[0].splitlines()[1:]
+    insts = []
+    for line in body:
+        head = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = ", line)
+        if head is None:
+            continue
+        rest = line[head.end():]
+        end = _group_end(rest, 0) if rest.startswith("(") else rest.index(" ")
+        op = re.match(r"\s*([\w\-]+)\(", rest[end:])
+        args = rest[end + op.end() - 1:_group_end(rest, end + op.end() - 1)]
+        insts.append((head[1], rest[:end], op[1], dict.fromkeys(re.findall(r"%([\w.\-]+)", args))))
+    shapes = {name: shape for name, shape, _, _ in insts}
+    done = {next(iter(ops)): shape for _, shape, opcode, ops in insts if opcode.endswith("-done")}
+    total = 0
+    for name, shape, opcode, operands in insts:
+        if opcode in _FREE or opcode.endswith("-done"):
+            continue
+        if opcode in ("copy-start", "slice-start"):
+            dest = done[name]
+            src_in_hbm = any(_hbm(shapes.get(o, "")) for o in operands)
+            total += _hbm(dest) + (_hbm(dest, anywhere=True) if src_in_hbm else 0)
+        else:
+            total += _hbm(shape) + sum(_hbm(shapes.get(o, "")) for o in operands)
+    return total
+
+
 def _tpu_chip():
     """One TPU v5e chip as an AOT compile target, or None when libtpu is missing."""
     try:
@@ -81,26 +163,31 @@ def _tpu_chip():
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def _tpu_bytes(opt, shapes, chip) -> float:
+def _tpu_bytes(opt, shapes, chip) -> tuple[float, int]:
+    """(cost_analysis bytes accessed, tpu_hbm_bytes) of one step compiled for `chip`."""
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=chip), shapes,
                           is_leaf=lambda x: isinstance(x, tuple))
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=chip),
                          jax.eval_shape(opt.init, params))
-    return make_step(opt).lower(params, state, params).compile().cost_analysis()["bytes accessed"]
+    compiled = make_step(opt).lower(params, state, params).compile()
+    return compiled.cost_analysis()["bytes accessed"], tpu_hbm_bytes(compiled)
 
 
-def tpu_bytes_per_param(opt, shapes, n_params: int, chip) -> tuple[float, float]:
-    """(per tensor, whole step) bytes accessed / param, compiled for one TPU v5e chip.
+def tpu_bytes_per_param(opt, shapes, n_params: int, chip) -> tuple[float, float, float, float]:
+    """(per tensor, per tensor HBM, whole step, whole step HBM) bytes / param, one TPU v5e chip.
 
-    "Per tensor" compiles the step for each parameter shape alone: the HBM traffic of
-    the fused update itself. "Whole step" compiles the full tree; there the TPU
-    compiler also stages some tensors through on-chip VMEM with async copies, and
-    cost_analysis counts those copies as extra accesses on top of the fusion's own.
+    "Per tensor" compiles the step for each parameter shape alone and sums
+    cost_analysis's bytes accessed; "per tensor HBM" is `tpu_hbm_bytes` of the same
+    compiles. "Whole step" compiles the full tree. cost_analysis counts accesses to
+    on-chip VMEM too: wherever the TPU compiler stages tensors through VMEM with async
+    copies it counts those copies on top of the fusion's own accesses, which the HBM
+    estimate does not.
     """
     leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
     per_shape = {s: _tpu_bytes(opt, {"w": s}, chip) for s in set(leaves)}
-    per_tensor = sum(per_shape[s] for s in leaves)
-    return per_tensor / n_params, _tpu_bytes(opt, shapes, chip) / n_params
+    accessed, hbm = (sum(per_shape[s][i] for s in leaves) for i in (0, 1))
+    whole = _tpu_bytes(opt, shapes, chip)
+    return accessed / n_params, hbm / n_params, whole[0] / n_params, whole[1] / n_params
 
 
 def main() -> None:
@@ -143,17 +230,19 @@ def main() -> None:
 
     chip = _tpu_chip()
     ours = statistics.median(runs["lion_optax bf16"]["times"])
-    header = (f"| {'optimizer':<16} | median ms | time / ours | state B/param | CPU bytes/param "
-              "| TPU v5e bytes/param (per tensor) | TPU v5e bytes/param (whole step) |")
+    header = (f"| {'optimizer':<19} | median ms | time / ours | state B/param | CPU bytes/param "
+              "| TPU v5e bytes/param (per tensor) | TPU v5e HBM bytes/param (per tensor) "
+              "| TPU v5e bytes/param (whole step) | TPU v5e HBM bytes/param (whole step) |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for name, run in runs.items():
         med = statistics.median(run["times"])
-        tpu = ("n/a (no libtpu)",) * 2 if chip is None else (
+        tpu = ("n/a (no libtpu)",) * 4 if chip is None else (
             f"{x:.2f}" for x in tpu_bytes_per_param(run["opt"], shapes, n_params, chip))
-        tpu_tensor, tpu_step = tpu
-        print(f"| {name:<16} | {1e3 * med:9.1f} | {med / ours:11.3f} | {run['state_bpp']:13.2f} "
-              f"| {run['cpu_bpp']:15.2f} | {tpu_tensor:>32} | {tpu_step:>32} |")
+        tpu_tensor, tpu_hbm, tpu_step, tpu_step_hbm = tpu
+        print(f"| {name:<19} | {1e3 * med:9.1f} | {med / ours:11.3f} | {run['state_bpp']:13.2f} "
+              f"| {run['cpu_bpp']:15.2f} | {tpu_tensor:>32} | {tpu_hbm:>36} | {tpu_step:>32} "
+              f"| {tpu_step_hbm:>36} |")
 
 
 if __name__ == "__main__":

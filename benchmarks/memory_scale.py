@@ -8,8 +8,9 @@ XLA temporaries (activations, gradients, buffers), total, and whether it fits.
            (the Lion paper: AdamW needs 16 v4 chips, Lion 8).
   lm       the `1b` and `8b` decoders (FSDP mesh) on v5e:4x4 and `8b` on v5p:2x2x2.
   largest  the largest decoder preset (small, base, 1b, 7b, 8b) that fits each slice.
+  options  ZeRO-sharded state (ViT-B/16, v4:2x2x2) and int8 Lion momentum (7b/8b on v5e:2x4).
 
-    python benchmarks/memory_scale.py [--only vit|lm|largest ...] [--json PATH] [--load PATH ...]
+    python benchmarks/memory_scale.py [--only vit|lm|largest|options ...] [--json PATH] [--load PATH ...]
 
 A step that does not fit fails to compile with RESOURCE_EXHAUSTED; `compile_report` turns
 that into `fits: False` with the temporaries the compiler asked for, shown as "> HBM".
@@ -165,7 +166,30 @@ def largest_table(run: Runner) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"vit": vit_table, "lm": lm_table, "largest": largest_table}
+def options_table(run: Runner) -> str:
+    """ZeRO (optimizer state also sharded over data) on the ViT, and int8 Lion momentum on
+    the largest decoder that bf16 momentum could not fit on 8 v5e chips."""
+    lines = ["Lion options (`optimizer.shard_state_over_data`: ZeRO; `optimizer.lion.mu_dtype=int8`):",
+             "", HEADER.format("model, slice, option")]
+    topology = "v4:2x2x2"
+    for zero in (False, True):
+        for opt in OPTIMIZERS:
+            c = vit_config(opt, "full")
+            c.optimizer.shard_state_over_data = zero
+            r = run(f"vit/{topology}/full/{opt}" + ("/zero" if zero else ""), c, topology)
+            lines.append(memory_row(f"ViT-B/16 b4096 remat full, {topology}, "
+                                    + ("state over data (ZeRO)" if zero else "state replicated"), r))
+    topology = "v5e:2x4"
+    for size in ("7b", "8b"):
+        for mu in ("bfloat16", "int8"):
+            c = lm_config(size, "lion", chips_of(topology))
+            c.optimizer.lion.mu_dtype = mu
+            key = f"lm/{size}/{topology}/lion" + ("/int8" if mu == "int8" else "")
+            lines.append(memory_row(f"{size}, {topology}, momentum {mu}", run(key, c, topology)))
+    return "\n".join(lines)
+
+
+TABLES = {"vit": vit_table, "lm": lm_table, "largest": largest_table, "options": options_table}
 
 
 def main() -> None:

@@ -27,12 +27,22 @@ def base_config() -> ml_collections.ConfigDict:
         end_lr_fraction=0.0,
         grad_clip_norm=1.0,
         decay_embeddings=True,
+        # ZeRO-1: also shard optimizer state over the `data` mesh axis (params replicated
+        # over it); gradients are reduce-scattered and new params all-gathered.
+        shard_state_over_data=False,
     ))
     return c
 
 
-def lion(lr: float, wd: float, b1: float = 0.9, b2: float = 0.99, mu_dtype: str = "bfloat16"):
-    return ml_collections.ConfigDict(dict(learning_rate=lr, weight_decay=wd, b1=b1, b2=b2, mu_dtype=mu_dtype))
+def lion(lr: float, wd: float, b1: float = 0.9, b2: float = 0.99, mu_dtype: str = "bfloat16",
+         distributed: str = "", vote_axis: str = "data"):
+    """Lion hyperparameters. `mu_dtype`: bfloat16 | float32 | int8 (blockwise: `block_size`
+    entries of the last axis per scale, 0 = one scale per row); `stochastic_rounding` when storing the momentum; `cautious`: Cautious
+    Lion. `distributed`: "" (off), "majority" or "mean" runs Distributed Lion (1-bit sign
+    votes over the mesh axis `vote_axis`, see train/dlion.py)."""
+    return ml_collections.ConfigDict(dict(learning_rate=lr, weight_decay=wd, b1=b1, b2=b2, mu_dtype=mu_dtype,
+                                          block_size=0, stochastic_rounding=False, cautious=False,
+                                          distributed=distributed, vote_axis=vote_axis))
 
 
 def adamw(lr: float, wd: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6):

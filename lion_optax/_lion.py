@@ -12,6 +12,10 @@ single elementwise pass per parameter: it reads g, m and theta and writes the up
 the new momentum. Arithmetic happens in at least float32 whatever the storage dtypes; the
 momentum is rounded to `mu_dtype` once per step. All work is elementwise, so every
 state leaf keeps its parameter's sharding and the compiled update has no collectives.
+
+Options beyond the paper: int8 blockwise momentum (`mu_dtype=jnp.int8`), stochastic
+rounding of the stored momentum, and Cautious Lion (`cautious=True`, one reduction per
+tensor). Distributed Lion lives in `lion_optax.distributed`.
 """
 
 from __future__ import annotations
@@ -23,19 +27,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lion_optax import quantize
+
 __all__ = [
+    "ScaleByLionQuantizedState",
     "ScaleByLionState",
     "scale_by_lion",
     "lion",
     "adamw_to_lion_hparams",
     "from_adamw",
+    "stochastic_apply_updates",
 ]
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
 
 
 class ScaleByLionState(NamedTuple):
-    """State of `scale_by_lion` and `lion`.
+    """State of `scale_by_lion` and `lion` with floating-point momentum.
 
     Attributes:
       count: int32 scalar, number of updates applied so far (drives schedules).
@@ -44,6 +52,25 @@ class ScaleByLionState(NamedTuple):
 
     count: jax.Array
     mu: optax.Updates
+
+
+class ScaleByLionQuantizedState(NamedTuple):
+    """State of `scale_by_lion` and `lion` with `mu_dtype=jnp.int8`.
+
+    Attributes:
+      count: int32 scalar, number of updates applied so far.
+      mu: int8 momentum, a tree like the parameters (same shapes).
+      mu_scale: float32 per-block scales, a tree like the parameters with shapes
+        `lion_optax.quantize.scale_shape(param.shape, block_size)`.
+    """
+
+    count: jax.Array
+    mu: optax.Updates
+    mu_scale: optax.Updates
+
+
+def _is_int8(mu_dtype) -> bool:
+    return mu_dtype is not None and jnp.dtype(mu_dtype) == jnp.int8
 
 
 def _momentum_dtype(mu_dtype, param):
@@ -55,9 +82,15 @@ def _compute_dtype(*arrays) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
 
 
-def _init_momentum(params, mu_dtype) -> ScaleByLionState:
+def _init_momentum(params, mu_dtype, block_size: int | None):
+    count = jnp.zeros([], jnp.int32)
+    if _is_int8(mu_dtype):
+        mu = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.int8), params)
+        scale = jax.tree.map(
+            lambda p: jnp.zeros(quantize.scale_shape(jnp.shape(p), block_size), jnp.float32), params)
+        return ScaleByLionQuantizedState(count, mu, scale)
     mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_momentum_dtype(mu_dtype, p)), params)
-    return ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=mu)
+    return ScaleByLionState(count, mu)
 
 
 def _direction_and_momentum(g, m, b1, b2):
@@ -69,44 +102,111 @@ def _direction_and_momentum(g, m, b1, b2):
     return direction, new_m.astype(m.dtype)
 
 
+def _check_options(mu_dtype, block_size, stochastic_rounding: bool, seed):
+    """Validated (mu_dtype, block_size, seed). The defaults (None) are not numbers, so
+    `optax.inject_hyperparams` leaves them static."""
+    if mu_dtype is not None:  # inject_hyperparams hands dtypes over as 0-d arrays
+        mu_dtype = jnp.dtype(getattr(mu_dtype, "dtype", mu_dtype))
+    if isinstance(block_size, jax.Array) or isinstance(seed, jax.Array):
+        raise ValueError("block_size and seed must be Python ints; with optax.inject_hyperparams "
+                         "pass static_args=('block_size', 'seed')")
+    if block_size is not None and not (isinstance(block_size, (int, np.integer)) and block_size > 0):
+        raise ValueError(f"block_size must be a positive int or None (whole rows), got {block_size!r}")
+    if mu_dtype is not None and not (_is_int8(mu_dtype) or jnp.issubdtype(mu_dtype, jnp.floating)):
+        raise ValueError(f"mu_dtype must be a float dtype, jnp.int8 or None, got {mu_dtype!r}")
+    if stochastic_rounding and mu_dtype is not None and not (
+            _is_int8(mu_dtype) or jnp.dtype(mu_dtype) == jnp.bfloat16):
+        raise ValueError("stochastic_rounding needs mu_dtype bfloat16, int8 or None "
+                         f"(bfloat16 params), got {jnp.dtype(mu_dtype).name}")
+    return mu_dtype, None if block_size is None else int(block_size), 0 if seed is None else int(seed)
+
+
+class _Momentum:
+    """Reads and writes one momentum leaf in its storage format, computing in fp32+."""
+
+    def __init__(self, block_size: int | None, stochastic_rounding: bool, seed: int, count):
+        self.block_size = block_size
+        self.base_key = (jax.random.fold_in(jax.random.key(seed), count)
+                         if stochastic_rounding else None)
+
+    def key(self, index: int):
+        return None if self.base_key is None else jax.random.fold_in(self.base_key, index)
+
+    def step(self, g, m, scale, index: int, b1, b2, cautious: bool):
+        """(direction, new momentum, new scale) of one leaf; scale is None unless int8."""
+        dt = _compute_dtype(g, m)
+        g = g.astype(dt)
+        if scale is None:
+            m32 = m.astype(dt)
+        else:
+            m32 = quantize.dequantize_blockwise(m, scale, self.block_size, dt)
+        direction = jnp.sign((1.0 - b1) * g + b1 * m32)
+        if cautious:  # Liang et al. 2024: zero coordinates that disagree with the gradient
+            agree = (direction * g > 0).astype(dt)
+            direction = direction * agree * (agree.size / (jnp.sum(agree) + 1.0))
+        new_m = (1.0 - b2) * g + b2 * m32
+        key = self.key(index)
+        if scale is not None:
+            new_m, scale = quantize.quantize_blockwise(new_m, self.block_size, key)
+        elif key is not None and m.dtype == jnp.bfloat16 and new_m.dtype == jnp.float32:
+            new_m = quantize.stochastic_round_to_bf16(new_m, key)
+        else:
+            new_m = new_m.astype(m.dtype)
+        return direction, new_m, scale
+
+
+def _leaves(state, treedef):
+    mus = treedef.flatten_up_to(state.mu)
+    if isinstance(state, ScaleByLionQuantizedState):
+        return mus, treedef.flatten_up_to(state.mu_scale)
+    return mus, [None] * len(mus)
+
+
+def _new_state(state, treedef, mus, scales):
+    count = optax.safe_increment(state.count)
+    if isinstance(state, ScaleByLionQuantizedState):
+        return ScaleByLionQuantizedState(count, treedef.unflatten(mus), treedef.unflatten(scales))
+    return ScaleByLionState(count, treedef.unflatten(mus))
+
+
 def scale_by_lion(
     b1: float = 0.9,
     b2: float = 0.99,
     mu_dtype: Any = jnp.bfloat16,
+    *,
+    block_size: int | None = None,
+    cautious: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int | None = None,
 ) -> optax.GradientTransformation:
     """Rescale updates to the Lion direction `sign(b1*m + (1-b1)*g)`.
 
     The building block of `lion` for custom chains (add decay and a learning rate
-    after it yourself). Same state as `lion`.
+    after it yourself). Same state and momentum options as `lion`.
 
     Args:
       b1: interpolation factor between momentum and gradient for the sign.
       b2: decay rate of the momentum.
-      mu_dtype: storage dtype of the momentum; `None` keeps each parameter's dtype.
+      mu_dtype: storage dtype of the momentum (bfloat16, float32, int8 blockwise, or
+        `None` for each parameter's dtype).
+      block_size, cautious, stochastic_rounding, seed: as in `lion`.
     """
+    mu_dtype, block_size, seed = _check_options(mu_dtype, block_size, stochastic_rounding, seed)
 
     def init_fn(params):
-        return _init_momentum(params, mu_dtype)
+        return _init_momentum(params, mu_dtype, block_size)
 
     def update_fn(updates, state, params=None):
         del params
-        pairs = jax.tree.map(
-            lambda g, m: _direction_and_momentum(g, m, b1, b2), updates, state.mu
-        )
-        direction, mu = _unzip(pairs, updates)
-        return direction, ScaleByLionState(optax.safe_increment(state.count), mu)
+        treedef = jax.tree.structure(updates)
+        mus, scales = _leaves(state, treedef)
+        momentum = _Momentum(block_size, stochastic_rounding, seed, state.count)
+        out = [momentum.step(g, m, s, i, b1, b2, cautious)
+               for i, (g, m, s) in enumerate(zip(treedef.flatten_up_to(updates), mus, scales))]
+        directions, mus, scales = zip(*out) if out else ((), (), ())
+        return treedef.unflatten(directions), _new_state(state, treedef, mus, scales)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _unzip(pairs, like):
-    """Split a tree of (a, b) tuples shaped like `like` into two trees."""
-    treedef = jax.tree.structure(like)
-    leaves = treedef.flatten_up_to(pairs)
-    return (
-        treedef.unflatten([a for a, _ in leaves]),
-        treedef.unflatten([b for _, b in leaves]),
-    )
 
 
 def _resolve_mask(mask: MaskOrFn, params, treedef) -> list:
@@ -127,6 +227,11 @@ def lion(
     mu_dtype: Any = jnp.bfloat16,
     weight_decay: optax.ScalarOrSchedule = 1e-3,
     mask: MaskOrFn = None,
+    *,
+    block_size: int | None = None,
+    cautious: bool = False,
+    stochastic_rounding: bool = False,
+    seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The Lion optimizer, fused, with bfloat16 momentum by default.
 
@@ -144,21 +249,36 @@ def lion(
       learning_rate: scalar or optax schedule `count -> lr`.
       b1: interpolation factor between momentum and gradient for the sign.
       b2: decay rate of the momentum.
-      mu_dtype: storage dtype of the momentum (bfloat16 default; `None` keeps each
-        parameter's dtype).
+      mu_dtype: storage dtype of the momentum: bfloat16 (default), float32, `None`
+        (each parameter's dtype), or `jnp.int8` for blockwise-quantized momentum
+        (`lion_optax.quantize`; 1 byte per parameter plus one float32 scale per block of
+        the last axis; state `ScaleByLionQuantizedState`).
       weight_decay: decoupled decay, multiplied by the learning rate as in
         `optax.adamw`; scalar or schedule.
       mask: tree of bools (or a prefix of the params tree), or a callable
         `params -> tree`, selecting which parameters are decayed (True = decay),
         e.g. `lion_optax.decay_mask`. None decays everything, as `optax.lion` does.
+      block_size: entries per int8 block along the last axis; None (default): one
+        block per row, the layout XLA fuses into two passes on TPU (smaller blocks split
+        the minor axis and cost relayout copies there).
+      cautious: Cautious Lion (Liang et al. 2024, arXiv 2411.16085): zero the update
+        where its sign disagrees with the gradient's and rescale the rest of each
+        tensor by `size / (number kept + 1)`. Needs one reduction per tensor, so the
+        update is no longer a single elementwise pass.
+      stochastic_rounding: write bfloat16 / int8 momentum with stochastic rounding
+        (unbiased, see `lion_optax.quantize`); random bits from `jax.random`, keyed by
+        `seed` and the step count, so a resumed run draws the same bits.
+      seed: seed of the stochastic-rounding stream (None: 0).
 
     Returns:
-      An `optax.GradientTransformationExtraArgs` with state `ScaleByLionState`.
+      An `optax.GradientTransformationExtraArgs` with state `ScaleByLionState`
+      (or `ScaleByLionQuantizedState` for int8 momentum).
     """
+    mu_dtype, block_size, seed = _check_options(mu_dtype, block_size, stochastic_rounding, seed)
     decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
     def init_fn(params):
-        return _init_momentum(params, mu_dtype)
+        return _init_momentum(params, mu_dtype, block_size)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -171,25 +291,48 @@ def lion(
 
         treedef = jax.tree.structure(updates)
         grads = treedef.flatten_up_to(updates)
-        mus = treedef.flatten_up_to(state.mu)
+        mus, scales = _leaves(state, treedef)
         if decays:
             flags = _resolve_mask(mask, params, treedef)
             ps = treedef.flatten_up_to(params)
         else:
             flags, ps = [False] * len(grads), [None] * len(grads)
 
-        new_updates, new_mu = [], []
-        for g, m, p, flag in zip(grads, mus, ps, flags):
-            u, m = _direction_and_momentum(g, m, b1, b2)
+        momentum = _Momentum(block_size, stochastic_rounding, seed, state.count)
+        new_updates, new_mu, new_scale = [], [], []
+        for i, (g, m, s, p, flag) in enumerate(zip(grads, mus, scales, ps, flags)):
+            u, m, s = momentum.step(g, m, s, i, b1, b2, cautious)
             if flag is not False:
                 decayed = u + wd * p.astype(u.dtype)
                 u = decayed if flag is True else jnp.where(flag, decayed, u)
             new_updates.append(jnp.asarray(-lr, u.dtype) * u)
             new_mu.append(m)
-        state = ScaleByLionState(optax.safe_increment(state.count), treedef.unflatten(new_mu))
-        return treedef.unflatten(new_updates), state
+            new_scale.append(s)
+        return treedef.unflatten(new_updates), _new_state(state, treedef, new_mu, new_scale)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def stochastic_apply_updates(params: optax.Params, updates: optax.Updates, key) -> optax.Params:
+    """`optax.apply_updates` that rounds bfloat16 parameters stochastically.
+
+    For training with bfloat16 parameters and no float32 master copy: `p + u` is
+    computed in float32 and written back with `stochastic_round_to_bf16`, so updates
+    smaller than half a bfloat16 ulp still move the parameter in expectation. Other
+    dtypes are added and cast as `optax.apply_updates` does. Pass a fresh `key` per
+    step (e.g. `jax.random.fold_in(key, step)`).
+    """
+    treedef = jax.tree.structure(params)
+    out = []
+    for i, (p, u) in enumerate(zip(treedef.flatten_up_to(params), treedef.flatten_up_to(updates))):
+        if u is None:
+            out.append(p)
+        elif p.dtype == jnp.bfloat16:
+            total = p.astype(jnp.float32) + u.astype(jnp.float32)
+            out.append(quantize.stochastic_round_to_bf16(total, jax.random.fold_in(key, i)))
+        else:
+            out.append((p + u).astype(p.dtype))
+    return treedef.unflatten(out)
 
 
 def _times(value: optax.ScalarOrSchedule, factor: float) -> optax.ScalarOrSchedule:

@@ -100,11 +100,14 @@ def logical_to_spec(
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical names; a no-op when no mesh is active."""
+    """Sharding constraint by logical names; a no-op when no mesh is active. Mesh axes
+    that are manual here (inside `jax.shard_map`) are left out."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    spec = logical_to_spec(logical_axes, mesh_axis_names=mesh.axis_names)
+    # Inside a shard_map, its manual axes are already split: constrain over the others.
+    names = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+    spec = logical_to_spec(logical_axes, mesh_axis_names=names)
     return jax.lax.with_sharding_constraint(x, spec)
 
 

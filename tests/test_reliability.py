@@ -14,8 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from _util import (cli_flags, read_metrics, run_trainer, run_two_processes, start_trainer, tiny_lm,
-                   train_losses)
+from _util import cli_flags, read_metrics, run_trainer, run_two_processes, start_trainer, tiny_lm, train_losses
 
 from train import trainer
 from train.errors import TrainingHalted
@@ -91,7 +90,8 @@ def test_resume_on_a_different_mesh(tmp_path, tmp_path_factory):
     saved = saved_params(workdir, 4)
     trainer.run(tiny_lm(num_steps=6, checkpoint_every=2, **{"mesh.data": 2, "mesh.fsdp": 4}), workdir)
     # The checkpoint restored onto the 2x4 mesh holds exactly the saved values.
-    from train import checkpoint, mesh as mesh_lib, optim, steps, tasks
+    from train import checkpoint, optim, steps, tasks
+    from train import mesh as mesh_lib
     from train.data import make_train_iterator
 
     config = tiny_lm(**{"mesh.data": 2, "mesh.fsdp": 4})
@@ -241,6 +241,12 @@ BAD_INPUT = [
     (["--config.data.name=imagenet2012", "--config.data.kind=image", "--config.data.data_dir=/nonexistent/tfds"],
      "imagenet2012"),
     (["--config.on_nonfinite=ignore"], "on_nonfinite must be one of"),
+    (["--config.optimizer.lion.mu_dtype=int4"], "optimizer.lion.mu_dtype must be one of"),
+    (["--config.optimizer.lion.mu_dtype=int8", "--config.optimizer.lion.block_size=-1"],
+     "block_size must be a positive int"),
+    (["--config.optimizer.lion.distributed=median"], "optimizer.lion.distributed must be one of"),
+    (["--config.optimizer.lion.distributed=majority", "--config.optimizer.lion.vote_axis=model"],
+     "vote_axis 'model' is not a mesh axis"),
 ]
 
 

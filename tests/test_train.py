@@ -8,8 +8,8 @@ import pytest
 from _util import read_metrics, run_trainer, run_two_processes, tiny_lm, train_losses
 
 from configs import vit as vit_configs
+from train import aot, trainer
 from train import mesh as mesh_lib
-from train import trainer
 from train.errors import ConfigError
 
 
@@ -76,6 +76,29 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     two = train_losses_of(tmp_path / "accum2", {"mesh.data": 8, "grad_accum_steps": 2})
     for step in one:
         np.testing.assert_allclose(two[step], one[step], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh", [{"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1},
+                                  {"mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1}])
+def test_zero_sharded_optimizer_state_matches_and_reduce_scatters(tmp_path, mesh):
+    """optimizer.shard_state_over_data: same losses as the replicated optimizer, 1/|data| of
+    the state per device, and gradients reduce-scattered instead of all-reduced."""
+    base = train_losses_of(tmp_path / "base", mesh)  # shared with the mesh-layout test
+    zero = train_losses_of(tmp_path / "zero", {**mesh, "optimizer.shard_state_over_data": True})
+    for step in base:
+        np.testing.assert_allclose(zero[step], base[step], rtol=0, atol=1e-5)
+    collectives = {}
+    for flag in (False, True):
+        config = tiny_lm(**{**mesh, "optimizer.shard_state_over_data": flag})
+        _, state, lowered = aot._lowered_train_step(config, mesh_lib.make_mesh(config.mesh))
+        hlo = lowered.compile().as_text()
+        collectives[flag] = (aot._shard_bytes(state.opt_state),
+                             {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
+                              for op in ("reduce-scatter", "all-gather")})
+    (plain_bytes, plain_ops), (zero_bytes, zero_ops) = collectives[False], collectives[True]
+    assert zero_bytes < plain_bytes / mesh["mesh.data"] * 1.1, (zero_bytes, plain_bytes)
+    assert plain_ops["reduce-scatter"] == 0 and zero_ops["reduce-scatter"] >= 8, zero_ops
+    assert zero_ops["all-gather"] >= 8, zero_ops
 
 
 # --------------------------------------------------------------------------- bad input

@@ -23,10 +23,10 @@ from typing import Any
 
 import grain
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from train.data import StepIterator
 from train.errors import UserError

@@ -5,7 +5,10 @@
         schedule="cosine",            # cosine | rsqrt | linear | constant (after warmup)
         warmup_steps=..., end_lr_fraction=0.0, grad_clip_norm=1.0,
         decay_embeddings=True,
-        lion=dict(learning_rate=1e-4, weight_decay=10.0, b1=0.9, b2=0.99, mu_dtype="bfloat16"),
+        lion=dict(learning_rate=1e-4, weight_decay=10.0, b1=0.9, b2=0.99,
+                  mu_dtype="bfloat16",          # | float32 | int8 (block_size: 0 = per row)
+                  stochastic_rounding=False, cautious=False,
+                  distributed="", vote_axis="data"),  # "majority" | "mean": Distributed Lion
         adamw=dict(learning_rate=1e-3, weight_decay=1.0, b1=0.9, b2=0.999, eps=1e-6),
         adafactor=dict(learning_rate=1e-3, weight_decay=1e-3, ...),
     )
@@ -13,7 +16,10 @@
 Each optimizer keeps its own paper-style hyperparameters, so `--config.optimizer.name=adamw`
 switches to the AdamW baseline without touching anything else. Weight decay is decoupled and
 multiplied by the learning rate (optax convention) and applies to matrices only
-(`lion_optax.decay_mask`).
+(`lion_optax.decay_mask`). `optimizer.lion.distributed` switches to Distributed Lion
+(`lion_optax.distributed_lion`, per-worker momentum and 1-bit sign votes over
+`optimizer.lion.vote_axis`), which the train step runs inside `jax.shard_map` (train/dlion.py);
+clipping then applies to each worker's local gradients.
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ import jax.numpy as jnp
 import optax
 
 import lion_optax
+from train import dlion
 from train.errors import ConfigError
 
 OPTIMIZERS = ("lion", "adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
+LION_MOMENTUM = ("bfloat16", "float32", "int8", None)  # optimizer.lion.mu_dtype
+DISTRIBUTED = ("", "majority", "mean")  # optimizer.lion.distributed: off, or the vote
 
 
 def make_schedule(peak: float, num_steps: int, opt_cfg: Mapping) -> optax.Schedule:
@@ -55,6 +64,32 @@ def make_schedule(peak: float, num_steps: int, opt_cfg: Mapping) -> optax.Schedu
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+def vote_axis(opt_cfg: Mapping) -> str | None:
+    """The mesh axis Distributed Lion votes over, or None when it is off (the default);
+    raises ConfigError for an unknown `optimizer.lion.distributed` or a bad axis."""
+    lion_cfg = opt_cfg.get("lion") or {}
+    vote = lion_cfg.get("distributed", "")
+    if vote not in DISTRIBUTED:
+        raise ConfigError(f"optimizer.lion.distributed must be one of {DISTRIBUTED}, got {vote!r}")
+    axis = lion_cfg.get("vote_axis", "data")
+    if not isinstance(axis, str) or not axis:
+        raise ConfigError(f"optimizer.lion.vote_axis must be a mesh axis name, got {axis!r}")
+    return axis if vote and opt_cfg.get("name") == "lion" else None
+
+
+def layout(config, mesh, rules) -> tuple[str | None, str | None]:
+    """(vote axis of Distributed Lion, ZeRO axis of the optimizer state), each None when
+    off; raises ConfigError for a combination the mesh or the other does not allow."""
+    vote = vote_axis(config.optimizer)
+    zero = "data" if config.optimizer.get("shard_state_over_data", False) else None
+    if vote is not None:
+        dlion.check_mesh(mesh, vote, rules)
+        if zero is not None:
+            raise ConfigError("optimizer.shard_state_over_data cannot be combined with "
+                              "optimizer.lion.distributed (each worker keeps its own momentum)")
+    return vote, zero
+
+
 def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax transform, learning-rate schedule) for `opt_cfg.name`, with global-norm
     clipping and non-finite updates dropped."""
@@ -67,8 +102,27 @@ def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTran
     mask = functools.partial(lion_optax.decay_mask, decay_embeddings=bool(opt_cfg.get("decay_embeddings", True)))
     if name == "lion":
         mu_dtype = hp.pop("mu_dtype", "bfloat16")
-        tx = lion_optax.lion(lr, weight_decay=wd, mask=mask,
-                             mu_dtype=None if mu_dtype is None else jnp.dtype(mu_dtype), **hp)
+        if mu_dtype not in LION_MOMENTUM:
+            raise ConfigError(f"optimizer.lion.mu_dtype must be one of {LION_MOMENTUM}, got {mu_dtype!r}")
+        mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+        if hp.get("block_size") == 0:  # config spelling of "one int8 block per row"
+            hp["block_size"] = None
+        vote, axis = hp.pop("distributed", ""), hp.pop("vote_axis", "data")
+        if vote_axis(opt_cfg) is None:
+            try:
+                tx = lion_optax.lion(lr, weight_decay=wd, mask=mask, mu_dtype=mu_dtype, **hp)
+            except ValueError as e:  # e.g. block_size <= 0
+                raise ConfigError(f"optimizer.lion: {e}") from None
+        else:
+            hp.pop("block_size", None)  # int8 momentum only, which distributed_lion rejects
+            for option in ("cautious", "stochastic_rounding"):
+                if hp.pop(option, False):
+                    raise ConfigError(f"optimizer.lion.{option} is not supported with distributed={vote!r}")
+            try:
+                tx = lion_optax.distributed_lion(lr, weight_decay=wd, mask=mask, mu_dtype=mu_dtype,
+                                                 axis_name=axis, vote=vote, **hp)
+            except (TypeError, ValueError) as e:  # e.g. an option only `lion` has
+                raise ConfigError(f"optimizer.lion with distributed={vote!r}: {e}") from None
     elif name == "adamw":
         mu_dtype = hp.pop("mu_dtype", None)
         tx = optax.adamw(lr, weight_decay=wd, mask=mask,

@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import lion_optax
 from models import partitioning
+from train import dlion
 
 
 class TrainState(NamedTuple):
@@ -41,33 +43,50 @@ def abstract_model(task, mesh, rules):
     return graphdef, params
 
 
-def state_shardings(abstract_params, tx, mesh) -> TrainState:
+def state_shardings(abstract_params, tx, mesh, vote_axis: str | None = None,
+                    zero_axis: str | None = None) -> TrainState:
+    """Shardings of the TrainState. With `vote_axis` (Distributed Lion) every optimizer
+    state leaf has a leading per-worker axis sharded over it (see `train.dlion`); with
+    `zero_axis` (ZeRO-1) the optimizer state is also split over that mesh axis."""
     replicated = NamedSharding(mesh, P())
+    opt_state = lion_optax.state_shardings(tx, abstract_params, zero_axis=zero_axis)
+    if vote_axis is not None:
+        opt_state = dlion.worker_shardings(opt_state, vote_axis)
     return TrainState(
         step=replicated,
         params=jax.tree.map(lambda p: p.sharding, abstract_params),
-        opt_state=lion_optax.state_shardings(tx, abstract_params),
+        opt_state=opt_state,
         rng=replicated,
     )
 
 
-def init_state(task, tx, shardings: TrainState, mesh, rules, seed: int) -> TrainState:
-    """The TrainState created directly in `shardings` by one jitted init."""
+def init_state(task, tx, shardings: TrainState, mesh, rules, seed: int,
+               vote_axis: str | None = None) -> TrainState:
+    """The TrainState created directly in `shardings` by one jitted init (with `vote_axis`,
+    the optimizer state is every worker's, broadcast from one init)."""
 
     def init(key):
         model = task.build(nnx.Rngs(params=key))
         params = nnx.to_pure_dict(nnx.state(model))
-        return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params), key)
+        opt_state = tx.init(params)
+        if vote_axis is not None:
+            opt_state = dlion.for_every_worker(opt_state, mesh.shape[vote_axis])
+        return TrainState(jnp.zeros([], jnp.int32), params, opt_state, key)
 
     with partitioning.sharding_context(mesh, rules):
         return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
-def abstract_state(abstract_params, shardings: TrainState, tx) -> TrainState:
+def abstract_state(abstract_params, shardings: TrainState, tx,
+                   vote_axis: str | None = None) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the train state: the restore target."""
+    opt_state = jax.eval_shape(tx.init, abstract_params)
+    if vote_axis is not None:
+        num = shardings.step.mesh.shape[vote_axis]
+        opt_state = jax.eval_shape(lambda s: dlion.for_every_worker(s, num), opt_state)
     shapes = TrainState(
         jax.ShapeDtypeStruct((), jnp.int32), abstract_params,
-        jax.eval_shape(tx.init, abstract_params), jax.ShapeDtypeStruct((2,), jnp.uint32))
+        opt_state, jax.ShapeDtypeStruct((2,), jnp.uint32))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
@@ -80,22 +99,17 @@ def _microbatches(batch, num: int):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int,
-                    nan_at_step: int | None = None):
-    """Pure `(state, batch) -> (state, metrics)`; jit it with donated state, and trace it
-    inside `partitioning.sharding_context(mesh, rules)`.
-
-    With `grad_accum_steps > 1` the batch is split into microbatches whose float32
-    gradients are summed by a `lax.scan`, then averaged: one optimizer update per step.
-    `metrics["nonfinite"]` is 1.0 when the loss or a gradient was NaN/Inf (the optimizer,
-    wrapped in `optax.apply_if_finite`, then leaves the state unchanged). `nan_at_step`
-    poisons the gradients of that step, for fault-injection tests.
-    """
+def make_grad_fn(task, graphdef, grad_accum_steps: int):
+    """`(params, batch, rng) -> ((loss, aux), grads)` of `task.loss`; with
+    `grad_accum_steps > 1` the batch is split into microbatches whose float32 gradients
+    are summed by a `lax.scan`, then averaged."""
 
     def loss_fn(params, batch, rng):
         return task.loss(nnx.merge(graphdef, params), batch, rng)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+        return grad_fn
 
     def accumulated_grads(params, batch, rng):
         micro = _microbatches(batch, grad_accum_steps)
@@ -111,15 +125,85 @@ def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int,
         sums, _ = jax.lax.scan(add, zeros, (micro, jnp.arange(grad_accum_steps)))
         return jax.tree.map(lambda x: x / grad_accum_steps, sums)
 
+    return accumulated_grads
+
+
+def zero_grad_fn(grad_fn, grad_shardings, axis: str = "data"):
+    """`grad_fn` whose gradients come out reduce-scattered over `axis` (ZeRO).
+
+    The loss and gradients of each replica's slice of the batch are computed inside
+    `jax.shard_map`, manual over `axis` only (other mesh axes stay under GSPMD), and
+    each gradient is summed with `psum_scatter` onto the dimension that
+    `grad_shardings` (from `lion_optax.zero_shardings`) splits over `axis`, or with
+    `psum` if none does. Without this, XLA all-reduces the gradients inside the scanned
+    backward pass and only slices them afterwards. Loss and gradients are the mean of the
+    replicas' means, equal to the global mean for equal-sized slices; dropout draws
+    per-replica keys, so with dropout the masks differ from the unsharded step's.
+    """
+    def dim_of(sharding) -> int | None:
+        for d, entry in enumerate(sharding.spec):
+            if entry == axis or (isinstance(entry, tuple) and axis in entry):
+                return d
+        return None
+
+    dims = jax.tree.map(dim_of, grad_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    out_specs = jax.tree.map(lambda d: P() if d is None else P(*([None] * d + [axis])), dims,
+                             is_leaf=lambda x: x is None or isinstance(x, int))
+
+    def local(params, batch, rng):
+        # Replicas draw different randomness (dropout) for their different examples.
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
+        (loss, aux), grads = grad_fn(params, batch, rng)
+        n = jax.lax.axis_size(axis)
+
+        def reduce(g, d):
+            if d is None:
+                return jax.lax.psum(g, axis) / n
+            return jax.lax.psum_scatter(g, axis, scatter_dimension=d, tiled=True) / n
+
+        grads = jax.tree.map(reduce, grads, dims, is_leaf=lambda x: x is None or isinstance(x, int))
+        return jax.lax.pmean((loss, aux), axis), grads
+
+    def zero(params, batch, rng):
+        return jax.shard_map(local, in_specs=(P(), P(axis), P()), out_specs=(P(), out_specs),
+                             axis_names={axis}, check_vma=False)(params, batch, rng)
+
+    return zero
+
+
+def poison_at(grads, step, nan_at_step: int | None):
+    """`grads` with NaN added at `step == nan_at_step` (fault injection); else unchanged."""
+    if nan_at_step is None:
+        return grads
+    poison = jnp.where(step == nan_at_step, jnp.nan, 0.0)
+    return jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
+
+
+def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int,
+                    nan_at_step: int | None = None, vote_axis: str | None = None,
+                    grad_shardings=None):
+    """Pure `(state, batch) -> (state, metrics)`; jit it with donated state, and trace it
+    inside `partitioning.sharding_context(mesh, rules)`.
+
+    Gradients come from `make_grad_fn` (one optimizer update per step, also with
+    gradient accumulation). `metrics["nonfinite"]` is 1.0 when the loss or a gradient was
+    NaN/Inf (the optimizer, wrapped in `optax.apply_if_finite`, then leaves the state
+    unchanged). `nan_at_step` poisons the gradients of that step, for fault-injection
+    tests. With `vote_axis` the step runs Distributed Lion (`train.dlion`). With
+    `grad_shardings` (ZeRO, `lion_optax.zero_shardings`) the gradients are
+    reduce-scattered to the optimizer state's sharding (`zero_grad_fn`), each replica
+    updates its shard, and the new params are all-gathered (by the step's out_shardings).
+    """
+    grad_fn = make_grad_fn(task, graphdef, grad_accum_steps)
+    if grad_shardings is not None:
+        grad_fn = zero_grad_fn(grad_fn, grad_shardings)
+    if vote_axis is not None:
+        return dlion.make_train_step(grad_fn, tx, lr_schedule, vote_axis, nan_at_step)
+
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        if grad_accum_steps == 1:
-            (loss, aux), grads = grad_fn(state.params, batch, rng)
-        else:
-            (loss, aux), grads = accumulated_grads(state.params, batch, rng)
-        if nan_at_step is not None:
-            poison = jnp.where(state.step == nan_at_step, jnp.nan, 0.0)
-            grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
+        (loss, aux), grads = grad_fn(state.params, batch, rng)
+        grads = poison_at(grads, state.step, nan_at_step)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

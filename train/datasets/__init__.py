@@ -15,10 +15,9 @@ import os
 
 import tensorflow_datasets as tfds
 
-from train.errors import UserError
-
 from train.datasets.digits import Digits
 from train.datasets.python_stdlib_text import PythonStdlibText
+from train.errors import UserError
 
 DEFAULT_DATA_DIR = "~/.cache/lion_tpu/tensorflow_datasets"
 EMBEDDED_DATASETS = {"digits": Digits, "python_stdlib_text": PythonStdlibText}

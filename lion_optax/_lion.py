@@ -93,15 +93,6 @@ def _init_momentum(params, mu_dtype, block_size: int | None):
     return ScaleByLionState(count, mu)
 
 
-def _direction_and_momentum(g, m, b1, b2):
-    """sign(b1*m + (1-b1)*g) and b2*m + (1-b2)*g, both in the compute dtype."""
-    dt = _compute_dtype(g, m)
-    g, m32 = g.astype(dt), m.astype(dt)
-    direction = jnp.sign((1.0 - b1) * g + b1 * m32)
-    new_m = (1.0 - b2) * g + b2 * m32
-    return direction, new_m.astype(m.dtype)
-
-
 def _check_options(mu_dtype, block_size, stochastic_rounding: bool, seed):
     """Validated (mu_dtype, block_size, seed). The defaults (None) are not numbers, so
     `optax.inject_hyperparams` leaves them static."""
@@ -124,10 +115,13 @@ def _check_options(mu_dtype, block_size, stochastic_rounding: bool, seed):
 class _Momentum:
     """Reads and writes one momentum leaf in its storage format, computing in fp32+."""
 
-    def __init__(self, block_size: int | None, stochastic_rounding: bool, seed: int, count):
+    def __init__(self, block_size: int | None, stochastic_rounding: bool, seed: int, count,
+                 stream=None):
         self.block_size = block_size
-        self.base_key = (jax.random.fold_in(jax.random.key(seed), count)
-                         if stochastic_rounding else None)
+        self.base_key = None
+        if stochastic_rounding:  # one stream per step (and per worker, for distributed_lion)
+            key = jax.random.fold_in(jax.random.key(seed), count)
+            self.base_key = key if stream is None else jax.random.fold_in(key, stream)
 
     def key(self, index: int):
         return None if self.base_key is None else jax.random.fold_in(self.base_key, index)

@@ -54,8 +54,11 @@ import optax
 
 from lion_optax._lion import (
     MaskOrFn,
-    ScaleByLionState,
-    _direction_and_momentum,
+    _check_options,
+    _init_momentum,
+    _leaves,
+    _Momentum,
+    _new_state,
     _resolve_mask,
 )
 
@@ -73,14 +76,6 @@ def _axis_size(axis_name) -> int:
             f"distributed_lion: axis {axis_name!r} is not bound: call update() inside "
             "jax.shard_map (or pmap) over that mesh axis"
         ) from None
-
-
-def _init(params, mu_dtype) -> ScaleByLionState:
-    """Zero momentum in `mu_dtype` (each parameter's dtype when None) and count 0."""
-    def zeros(p):
-        return jnp.zeros_like(p, dtype=jnp.asarray(p).dtype if mu_dtype is None else mu_dtype)
-
-    return ScaleByLionState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params))
 
 
 def _sign_bits(directions, worker) -> jax.Array:
@@ -140,6 +135,9 @@ def distributed_lion(
     *,
     axis_name: str = "data",
     vote: str = "majority",
+    block_size: int | None = None,
+    stochastic_rounding: bool = False,
+    seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Distributed Lion: local momentum per worker, 1-bit sign votes across `axis_name`.
 
@@ -153,27 +151,32 @@ def distributed_lion(
       learning_rate: scalar or optax schedule `count -> lr`.
       b1: interpolation factor between momentum and gradient for the sign.
       b2: decay rate of the momentum.
-      mu_dtype: storage dtype of the momentum (`None` keeps each parameter's dtype).
+      mu_dtype: storage dtype of the momentum: bfloat16, float32, `None` (each
+        parameter's dtype) or `jnp.int8` (blockwise, as in `lion`).
       weight_decay: decoupled decay, multiplied by the learning rate; scalar or schedule.
       mask: which parameters are decayed, as in `lion`.
       axis_name: the mapped (data-parallel) axis whose workers vote.
       vote: "majority" (`sign` of the vote sum, ties 0) or "mean" (average sign).
+      block_size, stochastic_rounding, seed: momentum storage options as in `lion`
+        (each worker draws its own rounding bits).
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state is the worker's own
-      `ScaleByLionState`.
+      `ScaleByLionState` (`ScaleByLionQuantizedState` for int8 momentum).
     """
     if vote not in VOTES:
         raise ValueError(f"distributed_lion: vote must be one of {VOTES}, got {vote!r}")
     if not isinstance(axis_name, str) or not axis_name:
         raise ValueError(f"distributed_lion: axis_name must be a mesh axis name, got {axis_name!r}")
-    if mu_dtype is not None and not jnp.issubdtype(mu_dtype, jnp.floating):
-        raise ValueError(f"distributed_lion: mu_dtype must be a float dtype or None, got {mu_dtype!r}")
+    try:
+        mu_dtype, block_size, seed = _check_options(mu_dtype, block_size, stochastic_rounding, seed)
+    except ValueError as e:
+        raise ValueError(f"distributed_lion: {e}") from None
     decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
     aggregate = _majority if vote == "majority" else _mean
 
     def init_fn(params):
-        return _init(params, mu_dtype)
+        return _init_momentum(params, mu_dtype, block_size)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -187,11 +190,14 @@ def distributed_lion(
         wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
 
         treedef = jax.tree.structure(updates)
-        pairs = [_direction_and_momentum(g, m, b1, b2) for g, m in
-                 zip(treedef.flatten_up_to(updates), treedef.flatten_up_to(state.mu))]
-        directions = [d for d, _ in pairs]
+        worker = jax.lax.axis_index(axis_name)
+        momentum = _Momentum(block_size, stochastic_rounding, seed, state.count, stream=worker)
+        mus, scales = _leaves(state, treedef)
+        steps = [momentum.step(g, m, sc, i, b1, b2, cautious=False) for i, (g, m, sc) in
+                 enumerate(zip(treedef.flatten_up_to(updates), mus, scales))]
+        directions = [d for d, _, _ in steps]
         dtype = jnp.result_type(*directions)
-        bits = _sign_bits(directions, jax.lax.axis_index(axis_name))
+        bits = _sign_bits(directions, worker)
         delta = aggregate(bits, axis_name, num, dtype)
 
         if decays:
@@ -207,7 +213,7 @@ def distributed_lion(
                 decayed = u + wd * p.astype(u.dtype)
                 u = decayed if flag is True else jnp.where(flag, decayed, u)
             new_updates.append(jnp.asarray(-lr, u.dtype) * u)
-        mu = treedef.unflatten([m for _, m in pairs])
-        return treedef.unflatten(new_updates), ScaleByLionState(optax.safe_increment(state.count), mu)
+        new_state = _new_state(state, treedef, [m for _, m, _ in steps], [sc for _, _, sc in steps])
+        return treedef.unflatten(new_updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -77,12 +77,13 @@ def test_matches_float64_transcription_of_the_paper(vote, n):
         assert not np.allclose(want[k], params[k])
 
 
-@pytest.mark.parametrize("vote", ["majority", "mean"])
-def test_identical_gradients_equal_lion(vote):
+@pytest.mark.parametrize("vote, mu_dtype", [("majority", jnp.float32), ("mean", jnp.float32),
+                                            ("majority", jnp.int8)])
+def test_identical_gradients_equal_lion(vote, mu_dtype):
     params, grads = problem(seed=1, steps=3)
     grads = jax.tree.map(lambda g: np.repeat(g[:, :1], N, axis=1), grads)
     grads["w"][:, :, 0] = 0.0  # exact zero signs too (m stays 0 on that row)
-    kwargs = {"b1": B1, "b2": B2, "mu_dtype": jnp.float32, "weight_decay": WD, "mask": MASK}
+    kwargs = {"b1": B1, "b2": B2, "mu_dtype": mu_dtype, "weight_decay": WD, "mask": MASK}
     got = run_sharded(lion_optax.distributed_lion(LR, vote=vote, **kwargs), params, grads)
     tx = lion_optax.lion(LR, **kwargs)
 

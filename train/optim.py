@@ -114,10 +114,8 @@ def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTran
             except ValueError as e:  # e.g. block_size <= 0
                 raise ConfigError(f"optimizer.lion: {e}") from None
         else:
-            hp.pop("block_size", None)  # int8 momentum only, which distributed_lion rejects
-            for option in ("cautious", "stochastic_rounding"):
-                if hp.pop(option, False):
-                    raise ConfigError(f"optimizer.lion.{option} is not supported with distributed={vote!r}")
+            if hp.pop("cautious", False):  # its per-tensor rescale does not survive 1-bit votes
+                raise ConfigError(f"optimizer.lion.cautious is not supported with distributed={vote!r}")
             try:
                 tx = lion_optax.distributed_lion(lr, weight_decay=wd, mask=mask, mu_dtype=mu_dtype,
                                                  axis_name=axis, vote=vote, **hp)

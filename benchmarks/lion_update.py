@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import time
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import lion_optax  # noqa: E402
+from train import hlo_comm  # noqa: E402
 
 
 def param_shapes(layers: int, width: int) -> dict:
@@ -73,82 +73,6 @@ def tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-_ARRAY = re.compile(r"([a-z]+)(\d*)\w*\[([\d,]*)\](\{[^}]*\})?")  # dtype[dims]{layout}
-_FREE = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all",
-         "add-dependency", "opt-barrier", "partition-id", "replica-id"}
-
-
-def _hbm(shape: str, anywhere: bool = False) -> int:
-    """Logical bytes of the arrays in an HLO shape (tuples included) that live in HBM
-    (no ``S(n)``, n > 0, in the layout), or wherever they live if ``anywhere``."""
-    total = 0
-    for kind, bits, dims, layout in _ARRAY.findall(shape):
-        if not anywhere and re.search(r"S\([1-9]\d*\)", layout):
-            continue  # VMEM, SMEM, sync flags, ...
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * (8 if kind == "pred" else int(bits or 0)) // 8
-    return total
-
-
-def _group_end(text: str, i: int) -> int:
-    """Index just past the bracket group opened at text[i]."""
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"(": 1, "{": 1, "[": 1, ")": -1, "}": -1, "]": -1}.get(text[j], 0)
-        if depth == 0:
-            return j + 1
-    raise ValueError(f"unbalanced HLO: {text[i:i + 80]!r}")
-
-
-def tpu_hbm_bytes(compiled) -> int:
-    """Estimated HBM bytes read + written by a TPU-compiled executable.
-
-    cost_analysis()["bytes accessed"] counts every operand and result access, including
-    those of buffers the TPU compiler placed in on-chip VMEM (layouts with ``S(1)``) and
-    both ends of the async ``copy-start`` that stages a tensor between HBM and VMEM, so
-    it overstates HBM traffic. This walks the ENTRY computation of the optimized HLO
-    (``compiled.as_text()``) instead: every instruction that does work reads each
-    distinct operand buffer that lives in HBM (memory space 0: no ``S(n)`` in its
-    layout) and writes each result buffer in HBM; bookkeeping ops (parameter, constant,
-    bitcast, tuple, get-tuple-element, ``*-done``, ...) move nothing. A ``copy-start`` /
-    ``slice-start`` moves its destination buffer (the result of the matching ``*-done``):
-    read if the source is in HBM, written if the destination is. Sizes are logical
-    (elements x dtype bytes), ignoring tile padding such as ``T(8,128)``.
-
-    An approximation: an operand counts as read whole and once per instruction (a
-    fusion that reads only a slice, or a tiled matmul that re-reads a block, is
-    miscounted); in-place results (e.g. dynamic-update-slice) count whole; and the
-    bodies of while/call/conditional ops in ENTRY are not walked.
-    """
-    text = compiled.as_text()
-    body = text[text.index("\nENTRY "):].split("\n}")[0].splitlines()[1:]
-    insts = []
-    for line in body:
-        head = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = ", line)
-        if head is None:
-            continue
-        rest = line[head.end():]
-        end = _group_end(rest, 0) if rest.startswith("(") else rest.index(" ")
-        op = re.match(r"\s*([\w\-]+)\(", rest[end:])
-        args = rest[end + op.end() - 1:_group_end(rest, end + op.end() - 1)]
-        insts.append((head[1], rest[:end], op[1], dict.fromkeys(re.findall(r"%([\w.\-]+)", args))))
-    shapes = {name: shape for name, shape, _, _ in insts}
-    done = {next(iter(ops)): shape for _, shape, opcode, ops in insts if opcode.endswith("-done")}
-    total = 0
-    for name, shape, opcode, operands in insts:
-        if opcode in _FREE or opcode.endswith("-done"):
-            continue
-        if opcode in ("copy-start", "slice-start"):
-            dest = done[name]
-            src_in_hbm = any(_hbm(shapes.get(o, "")) for o in operands)
-            total += _hbm(dest) + (_hbm(dest, anywhere=True) if src_in_hbm else 0)
-        else:
-            total += _hbm(shape) + sum(_hbm(shapes.get(o, "")) for o in operands)
-    return total
-
-
 def _tpu_chip():
     """One TPU v5e chip as an AOT compile target, or None when libtpu is missing."""
     try:
@@ -164,20 +88,20 @@ def _tpu_chip():
 
 
 def _tpu_bytes(opt, shapes, chip) -> tuple[float, int]:
-    """(cost_analysis bytes accessed, tpu_hbm_bytes) of one step compiled for `chip`."""
+    """(cost_analysis bytes accessed, `hlo_comm.hbm_bytes`) of one step compiled for `chip`."""
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=chip), shapes,
                           is_leaf=lambda x: isinstance(x, tuple))
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=chip),
                          jax.eval_shape(opt.init, params))
     compiled = make_step(opt).lower(params, state, params).compile()
-    return compiled.cost_analysis()["bytes accessed"], tpu_hbm_bytes(compiled)
+    return compiled.cost_analysis()["bytes accessed"], hlo_comm.hbm_bytes(compiled.as_text())
 
 
 def tpu_bytes_per_param(opt, shapes, n_params: int, chip) -> tuple[float, float, float, float]:
     """(per tensor, per tensor HBM, whole step, whole step HBM) bytes / param, one TPU v5e chip.
 
     "Per tensor" compiles the step for each parameter shape alone and sums
-    cost_analysis's bytes accessed; "per tensor HBM" is `tpu_hbm_bytes` of the same
+    cost_analysis's bytes accessed; "per tensor HBM" is `train.hlo_comm.hbm_bytes` of the same
     compiles. "Whole step" compiles the full tree. cost_analysis counts accesses to
     on-chip VMEM too: wherever the TPU compiler stages tensors through VMEM with async
     copies it counts those copies on top of the fusion's own accesses, which the HBM

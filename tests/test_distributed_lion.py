@@ -181,6 +181,26 @@ ENTRY %main (a: bf16[16], b: f32[256]) -> bf16[128] {
     assert got["all-to-all"] == {"count": 5, "operand_bytes": 5 * 64, "wire_bytes": 5 * 1 / 2 * 64}
 
 
+def test_hbm_bytes_skips_vmem_buffers_and_bookkeeping():
+    """A TPU-style program: p (f32, 4 KiB) is staged into VMEM by an async copy, then one
+    fusion reads it from VMEM plus g from HBM and writes its result to HBM."""
+    from train.hlo_comm import hbm_bytes
+
+    text = """HloModule m
+ENTRY %main (p: f32[1024], g: f32[1024]) -> f32[1024] {
+  %p = f32[1024]{0:T(1024)} parameter(0)
+  %g = f32[1024]{0:T(1024)} parameter(1)
+  %cs = (f32[1024]{0:T(1024)S(1)}, f32[1024]{0:T(1024)}, u32[]{:S(2)}) copy-start(%p)
+  %cd = f32[1024]{0:T(1024)S(1)} copy-done(%cs)
+  %b = f32[1024]{0:T(1024)S(1)} bitcast(%cd)
+  ROOT %f = f32[1024]{0:T(1024)} fusion(%b, %g, %g), kind=kLoop, calls=%fused
+}
+"""
+    # copy: 4 KiB read from HBM (into VMEM, not written to HBM); fusion: g read once (4 KiB),
+    # VMEM operand free, result written (4 KiB).
+    assert hbm_bytes(text) == 3 * 4096
+
+
 # --------------------------------------------------------------------------- trainer
 
 

@@ -1,4 +1,5 @@
-"""Bytes moved by the collectives of a compiled XLA program, read from its HLO text.
+"""Bytes moved by a compiled XLA program, read from its HLO text: by its collectives
+(`collective_bytes`) and, for TPU programs, to and from HBM (`hbm_bytes`).
 
     compiled = jax.jit(step).lower(*args).compile()
     collective_bytes(compiled.as_text())["total"]["wire_bytes"]
@@ -30,6 +31,10 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, 
           "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
           "s2": 0.25, "u2": 0.25}
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([<=0-9,]*)\]")
+_ARRAY_LAYOUT = re.compile(r"\b([a-z][a-z0-9]*)\[([<=0-9,]*)\](\{[^}]*\})?")
+_ON_CHIP = re.compile(r"S\([1-9]\d*\)")  # layout memory space other than HBM (VMEM, ...)
+_MOVES_NOTHING = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all",
+                  "add-dependency", "opt-barrier", "partition-id", "replica-id"}
 _ASSIGN = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _OPCODE = re.compile(r"\s*([a-z][\w\-]*)\(")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
@@ -43,10 +48,13 @@ _PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
 _REPLICAS = re.compile(r"\breplica_count=(\d+)")
 
 
-def shape_bytes(shape: str) -> float:
-    """Bytes of an HLO shape string (an array or a tuple of arrays); tokens, opaque: 0."""
+def shape_bytes(shape: str, hbm_only: bool = False) -> float:
+    """Bytes of an HLO shape string (an array or a tuple of arrays); tokens, opaque: 0.
+    `hbm_only`: count only arrays whose layout puts them in HBM (no `S(n)`, n > 0)."""
     total = 0.0
-    for dtype, dims in _ARRAY.findall(shape):
+    for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
+        if hbm_only and _ON_CHIP.search(layout):
+            continue
         if dtype.startswith("f8"):
             size = 1
         elif dtype in _BYTES:
@@ -201,3 +209,36 @@ def collective_bytes(hlo_text: str) -> dict[str, dict[str, float]]:
         entry["wire_bytes"] += k * _wire(kind, operand, n) if n > 1 else 0.0
     out["total"] = {k: sum(e[k] for e in out.values()) for k in ("count", "operand_bytes", "wire_bytes")}
     return out
+
+
+def hbm_bytes(hlo_text: str) -> float:
+    """Estimated HBM bytes read + written by one execution of a TPU-compiled program.
+
+    `cost_analysis()["bytes accessed"]` counts every operand and result access, also of
+    buffers the TPU compiler keeps in on-chip VMEM (layouts with `S(1)`) and both ends of
+    the async copies that stage tensors between HBM and VMEM, so it overstates HBM
+    traffic. Here every ENTRY instruction that does work reads each distinct operand that
+    lives in HBM (no `S(n)` in its layout) and writes each result in HBM; bookkeeping ops
+    (parameter, constant, bitcast, tuple, get-tuple-element, `*-done`, ...) move nothing.
+    A `copy-start` / `slice-start` moves its destination (the result of the matching
+    `*-done`): read if the source is in HBM, written if the destination is. Sizes are
+    logical, ignoring tile padding. An approximation: an operand counts as read whole and
+    once per instruction, and the bodies of while / call / conditional are not walked.
+    """
+    entry = hlo_text[hlo_text.index("\nENTRY "):].split("\n}")[0].splitlines()[1:]
+    instructions = [p for p in map(parse_instruction, entry) if p is not None]
+    shapes = {name: shape for name, shape, *_ in instructions}
+    operands = {name: list(dict.fromkeys(re.findall(r"%([\w.\-]+)", ops)))
+                for name, _, _, ops, _ in instructions}
+    done = {operands[name][0]: shape for name, shape, opcode, _, _ in instructions
+            if opcode.endswith("-done") and operands[name]}
+    total = 0.0
+    for name, shape, opcode, _, _ in instructions:
+        if opcode in _MOVES_NOTHING or opcode.endswith("-done"):
+            continue
+        reads = [shape_bytes(shapes.get(o, ""), hbm_only=True) for o in operands[name]]
+        if opcode in ("copy-start", "slice-start"):
+            total += shape_bytes(done[name], hbm_only=True) + (shape_bytes(done[name]) if any(reads) else 0)
+        else:
+            total += shape_bytes(shape, hbm_only=True) + sum(reads)
+    return total

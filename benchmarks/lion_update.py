@@ -1,7 +1,8 @@
 """One optimizer step (update + apply) on ~50M parameters, side by side in one run.
 
 Compares lion_optax.lion (bf16, fp32 and int8 momentum, stochastic rounding, cautious)
-with optax.lion (bf16 and fp32) and optax.adamw: median wall time of the jitted, donated
+and lion_optax.fused_lion (int8, update and apply in one Pallas kernel on TPU; the same
+math in XLA on CPU) with optax.lion (bf16 and fp32) and optax.adamw: median wall time of the jitted, donated
 step on this machine's CPU and its ratio to ours, optimizer-state bytes per parameter, and XLA's
 `cost_analysis()["bytes accessed"]` per parameter for CPU and, when libtpu is
 installed (`pip install -e '.[tpu]'`), for one TPU v5e chip compiled ahead of time
@@ -52,6 +53,7 @@ def contenders(lr: float = 1e-4, wd: float = 1.0) -> dict:
         "optax.lion bf16": optax.lion(lr, mu_dtype=jnp.bfloat16, weight_decay=wd, mask=mask),
         "lion_optax fp32": lion_optax.lion(lr, weight_decay=wd, mask=mask, mu_dtype=jnp.float32),
         "lion_optax int8": lion_optax.lion(lr, weight_decay=wd, mask=mask, mu_dtype=jnp.int8),
+        "lion_optax int8 fused": lion_optax.fused_lion(lr, weight_decay=wd, mask=mask),
         "lion_optax int8 SR": lion_optax.lion(lr, weight_decay=wd, mask=mask, mu_dtype=jnp.int8,
                                               stochastic_rounding=True),
         "lion_optax bf16 SR": lion_optax.lion(lr, weight_decay=wd, mask=mask, stochastic_rounding=True),
@@ -63,6 +65,8 @@ def contenders(lr: float = 1e-4, wd: float = 1.0) -> dict:
 
 def make_step(opt):
     def step(params, state, grads):
+        if isinstance(opt, lion_optax.FusedLion):  # update + apply in one pass
+            return opt.apply(grads, state, params)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
@@ -154,7 +158,7 @@ def main() -> None:
 
     chip = _tpu_chip()
     ours = statistics.median(runs["lion_optax bf16"]["times"])
-    header = (f"| {'optimizer':<19} | median ms | time / ours | state B/param | CPU bytes/param "
+    header = (f"| {'optimizer':<21} | median ms | time / ours | state B/param | CPU bytes/param "
               "| TPU v5e bytes/param (per tensor) | TPU v5e HBM bytes/param (per tensor) "
               "| TPU v5e bytes/param (whole step) | TPU v5e HBM bytes/param (whole step) |")
     print(header)
@@ -164,7 +168,7 @@ def main() -> None:
         tpu = ("n/a (no libtpu)",) * 4 if chip is None else (
             f"{x:.2f}" for x in tpu_bytes_per_param(run["opt"], shapes, n_params, chip))
         tpu_tensor, tpu_hbm, tpu_step, tpu_step_hbm = tpu
-        print(f"| {name:<19} | {1e3 * med:9.1f} | {med / ours:11.3f} | {run['state_bpp']:13.2f} "
+        print(f"| {name:<21} | {1e3 * med:9.1f} | {med / ours:11.3f} | {run['state_bpp']:13.2f} "
               f"| {run['cpu_bpp']:15.2f} | {tpu_tensor:>32} | {tpu_hbm:>36} | {tpu_step:>32} "
               f"| {tpu_step_hbm:>36} |")
 

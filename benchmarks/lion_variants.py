@@ -1,16 +1,18 @@
-"""Quality of the Lion options on the byte-level LM demo: momentum dtype, stochastic
-rounding, Cautious Lion; 3 seeds each, side by side in one run.
+"""Quality of the Lion options on the demos: momentum dtype, stochastic rounding, Cautious
+Lion, the fused int8 apply; 3 seeds each, side by side in one run.
 
-    python benchmarks/lion_variants.py [--task reduced|demo] [--variants bf16,int8,...]
+    python benchmarks/lion_variants.py [--task reduced|demo|vit] [--variants bf16,int8,...]
                                        [--seeds 3] [--quick]
 
 Tasks: `reduced` is the LM of benchmarks/compare_optimizers.py (configs/lm.py:demo with 2
 layers, batch 16, 300 steps); `demo` is configs/lm.py:demo unchanged (4 layers, batch 32,
-900 steps; ~4.5 min per run on 2 idle cores). Every run goes through `train.trainer.run`
+900 steps; ~4.5 min per run on 2 idle cores); `vit` is configs/vit.py:demo unchanged (ViT
+on the 8x8 digits, 1500 steps, ~1 min per run). Every run goes through `train.trainer.run`
 with Lion at the learning rate compare_optimizers picked for it (lr 1e-3, wd 0.09,
-b1/b2 0.95/0.98 on the reduced task; the demo config's own Lion settings on `demo`).
-Prints a Markdown table: final eval loss (nats/byte) mean ± std over seeds, its relative
-difference to bf16 momentum, and wall time per run.
+b1/b2 0.95/0.98 on the reduced task; the demo configs' own Lion settings otherwise).
+Prints a Markdown table: final eval loss (nats/byte for the LMs) and eval accuracy (next
+byte / digit), mean ± std over seeds, the loss's relative difference to bf16 momentum, and
+wall time per run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare_optimizers  # noqa: E402
 
 from configs import lm as lm_configs  # noqa: E402
+from configs import vit as vit_configs  # noqa: E402
 from train import trainer  # noqa: E402
 
 # name -> overrides of config.optimizer.lion
@@ -42,6 +45,7 @@ VARIANTS = {
     "int8 b256 SR": {"mu_dtype": "int8", "block_size": 256, "stochastic_rounding": True},
     "bf16 SR": {"stochastic_rounding": True},
     "cautious": {"cautious": True},
+    "int8 fused": {"mu_dtype": "int8", "fused_apply": True},  # lion_optax.fused_lion
 }
 
 
@@ -49,6 +53,9 @@ def base_config(task: str, quick: bool):
     if task == "demo":
         c = lm_configs.get_config("demo")
         c.sample_steps, c.checkpoint_every = 0, 0
+    elif task == "vit":
+        c = vit_configs.get_config("demo")
+        c.checkpoint_every = 0
     else:
         c = next(t.config for t in compare_optimizers.make_tasks(quick) if t.name == "byte LM")
         c.optimizer.lion.learning_rate, c.optimizer.lion.weight_decay = 1e-3, 0.09
@@ -58,17 +65,19 @@ def base_config(task: str, quick: bool):
     return c
 
 
-def final_eval_loss(config, root: str) -> float:
+def final_eval(config, root: str) -> tuple[float, float]:
+    """(eval loss, eval accuracy) of the last evaluation of a fresh run of `config`."""
     workdir = tempfile.mkdtemp(dir=root)
     trainer.run(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+    last = [r for r in rows if "eval_loss" in r][-1]
+    return last["eval_loss"], last.get("eval_accuracy", float("nan"))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=("reduced", "demo"), default="reduced")
+    ap.add_argument("--task", choices=("reduced", "demo", "vit"), default="reduced")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of "
                     + ", ".join(VARIANTS))
     ap.add_argument("--seeds", type=int, default=3)
@@ -81,7 +90,7 @@ def main() -> int:
         return 2
     seeds = range(1 if args.quick else args.seeds)
 
-    results, seconds, start = {}, {}, time.perf_counter()
+    results, accuracy, seconds, start = {}, {}, {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
         for seed in seeds:  # seed-major: a cut-short run still compares every variant
             for name in names:
@@ -89,22 +98,28 @@ def main() -> int:
                 c.seed = seed
                 c.optimizer.lion.update(VARIANTS[name])
                 t0 = time.perf_counter()
-                loss = final_eval_loss(c, root)
+                loss, acc = final_eval(c, root)
                 seconds.setdefault(name, []).append(time.perf_counter() - t0)
                 results.setdefault(name, []).append(loss)
-                print(f"  {name:9s} seed {seed}: eval loss {loss:.4f} ({seconds[name][-1]:.0f} s)",
-                      flush=True)
+                accuracy.setdefault(name, []).append(acc)
+                print(f"  {name:9s} seed {seed}: eval loss {loss:.4f}, accuracy {acc:.4f} "
+                      f"({seconds[name][-1]:.0f} s)", flush=True)
 
     ref = statistics.mean(results.get("bf16", results[names[0]]))
     print(f"\n`python benchmarks/lion_variants.py --task {args.task}`"
           f"{' --quick' if args.quick else ''}: {len(seeds)} seed(s), "
           f"{(time.perf_counter() - start) / 60:.1f} min on {os.cpu_count()} CPU core(s)\n")
-    print("| momentum / option | final eval loss (nats/byte) | vs bf16 | s/run |\n|---|---|---|---|")
+    unit = "" if args.task == "vit" else " (nats/byte)"
+    print(f"| momentum / option | final eval loss{unit} | vs bf16 | eval accuracy | s/run |\n"
+          "|---|---|---|---|---|")
+
+    def mean_std(xs):
+        return f"{statistics.mean(xs):.4f} ± {statistics.pstdev(xs) if len(xs) > 1 else 0.0:.4f}"
+
     for name in names:
         losses = results[name]
-        std = statistics.pstdev(losses) if len(losses) > 1 else 0.0
-        print(f"| {name} | {statistics.mean(losses):.4f} ± {std:.4f} | "
-              f"{statistics.mean(losses) / ref - 1:+.2%} | {statistics.mean(seconds[name]):.0f} |")
+        print(f"| {name} | {mean_std(losses)} | {statistics.mean(losses) / ref - 1:+.2%} | "
+              f"{mean_std(accuracy[name])} | {statistics.mean(seconds[name]):.0f} |")
     return 0
 
 

@@ -8,7 +8,8 @@ XLA temporaries (activations, gradients, buffers), total, and whether it fits.
            (the Lion paper: AdamW needs 16 v4 chips, Lion 8).
   lm       the `1b` and `8b` decoders (FSDP mesh) on v5e:4x4 and `8b` on v5p:2x2x2.
   largest  the largest decoder preset (small, base, 1b, 7b, 8b) that fits each slice.
-  options  ZeRO-sharded state (ViT-B/16, v4:2x2x2) and int8 Lion momentum (7b/8b on v5e:2x4).
+  options  ZeRO-sharded state (ViT-B/16, v4:2x2x2) and int8 Lion momentum, with and without
+           the fused update-and-apply kernel (7b/8b on v5e:2x4).
 
     python benchmarks/memory_scale.py [--only vit|lm|largest|options ...] [--json PATH] [--load PATH ...]
 
@@ -181,11 +182,13 @@ def options_table(run: Runner) -> str:
                                     + ("state over data (ZeRO)" if zero else "state replicated"), r))
     topology = "v5e:2x4"
     for size in ("7b", "8b"):
-        for mu in ("bfloat16", "int8"):
+        for mu, fused in (("bfloat16", False), ("int8", False), ("int8", True)):
             c = lm_config(size, "lion", chips_of(topology))
             c.optimizer.lion.mu_dtype = mu
-            key = f"lm/{size}/{topology}/lion" + ("/int8" if mu == "int8" else "")
-            lines.append(memory_row(f"{size}, {topology}, momentum {mu}", run(key, c, topology)))
+            c.optimizer.lion.fused_apply = fused
+            key = f"lm/{size}/{topology}/lion" + ("/int8" if mu == "int8" else "") + ("/fused" if fused else "")
+            label = f"{size}, {topology}, momentum {mu}" + (", fused apply (Pallas)" if fused else "")
+            lines.append(memory_row(label, run(key, c, topology)))
     return "\n".join(lines)
 
 

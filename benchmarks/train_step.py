@@ -53,9 +53,7 @@ class StepRunner:
         graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
         shardings = steps.state_shardings(abstract_params, tx, mesh)
         self.state = steps.init_state(task, tx, shardings, mesh, rules, config.seed)
-        self.step = jax.jit(
-            steps.make_train_step(task, graphdef, tx, lr_schedule, config.grad_accum_steps),
-            in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+        self.step = steps.jit_train_step(config, task, graphdef, tx, lr_schedule, shardings, abstract_params)
         batches = data_lib.make_train_iterator(config.data, config.batch_size, config.seed)
         self.batch = data_lib.to_global_batch(next(batches), mesh)  # reused: times compute only
         self.flops_per_step = task.flops_per_example() * config.batch_size

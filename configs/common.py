@@ -39,10 +39,13 @@ def lion(lr: float, wd: float, b1: float = 0.9, b2: float = 0.99, mu_dtype: str 
     """Lion hyperparameters. `mu_dtype`: bfloat16 | float32 | int8 (blockwise: `block_size`
     entries of the last axis per scale, 0 = one scale per row); `stochastic_rounding` when storing the momentum; `cautious`: Cautious
     Lion. `distributed`: "" (off), "majority" or "mean" runs Distributed Lion (1-bit sign
-    votes over the mesh axis `vote_axis`, see train/dlion.py)."""
+    votes over the mesh axis `vote_axis`, see train/dlion.py). `fused_apply`: update and
+    apply in one pass (lion_optax.fused_lion; a Pallas kernel for int8 momentum on TPU);
+    `kernel`: auto | pallas | interpret | xla."""
     return ml_collections.ConfigDict(dict(learning_rate=lr, weight_decay=wd, b1=b1, b2=b2, mu_dtype=mu_dtype,
                                           block_size=0, stochastic_rounding=False, cautious=False,
-                                          distributed=distributed, vote_axis=vote_axis))
+                                          distributed=distributed, vote_axis=vote_axis,
+                                          fused_apply=False, kernel="auto"))
 
 
 def adamw(lr: float, wd: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6):

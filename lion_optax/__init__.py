@@ -14,16 +14,19 @@ from lion_optax._lion import (
     stochastic_apply_updates,
 )
 from lion_optax.distributed import distributed_lion
+from lion_optax.fused import FusedLion, fused_lion
 from lion_optax.masks import decay_mask
 from lion_optax.sharding import state_shardings, zero_shardings
 
 __all__ = [
+    "FusedLion",
     "ScaleByLionQuantizedState",
     "ScaleByLionState",
     "adamw_to_lion_hparams",
     "decay_mask",
     "distributed_lion",
     "from_adamw",
+    "fused_lion",
     "lion",
     "quantize",
     "scale_by_lion",

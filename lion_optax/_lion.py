@@ -253,15 +253,16 @@ def lion(
         `params -> tree`, selecting which parameters are decayed (True = decay),
         e.g. `lion_optax.decay_mask`. None decays everything, as `optax.lion` does.
       block_size: entries per int8 block along the last axis; None (default): one
-        block per row, the layout XLA fuses into two passes on TPU (smaller blocks split
-        the minor axis and cost relayout copies there).
+        block per row, the layout XLA fuses into two passes on TPU and
+        `lion_optax.fused_lion` into one (smaller blocks split the minor axis and cost
+        relayout copies there).
       cautious: Cautious Lion (Liang et al. 2024, arXiv 2411.16085): zero the update
         where its sign disagrees with the gradient's and rescale the rest of each
         tensor by `size / (number kept + 1)`. Needs one reduction per tensor, so the
         update is no longer a single elementwise pass.
       stochastic_rounding: write bfloat16 / int8 momentum with stochastic rounding
-        (unbiased, see `lion_optax.quantize`); random bits from `jax.random`, keyed by
-        `seed` and the step count, so a resumed run draws the same bits.
+        (unbiased, see `lion_optax.quantize`); counter-based random bits keyed by
+        `seed`, the step count and the leaf, so a resumed run draws the same bits.
       seed: seed of the stochastic-rounding stream (None: 0).
 
     Returns:

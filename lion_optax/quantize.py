@@ -17,9 +17,11 @@ Stochastic rounding (`stochastic_round_to_bf16`, and `quantize_blockwise(key=...
 rounds up with probability equal to the discarded fraction, so the rounding error has
 zero mean: a running average (Lion's momentum `b2 * m + (1 - b2) * g`) or a parameter
 receiving many updates smaller than half a unit in the last place keeps moving, where
-round-to-nearest would freeze it. Random bits come from `jax.random` (on TPU, set
-`jax.config.update("jax_default_prng_impl", "rbg")` to use the fast hardware-friendly
-generator).
+round-to-nearest would freeze it. The random bits are counter-based (`random_bits`): a
+32-bit integer hash of each entry's index and two words drawn once per call from a
+`jax.random` key. That is a few integer operations per entry, elementwise, so it fuses
+into the update on any backend and shards like the data; drawing one threefry sample per
+entry instead made the update 7-9x slower than without rounding on CPU.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 __all__ = [
     "dequantize_blockwise",
     "quantize_blockwise",
+    "random_bits",
     "scale_shape",
     "stochastic_round_to_bf16",
 ]
@@ -65,6 +68,31 @@ def _unblocks(xb: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return xb.reshape(xb.shape[:-2] + (-1,))[..., :n].reshape(shape)
 
 
+def _mix32(x: jax.Array) -> jax.Array:
+    """A 32-bit integer finalizer (xorshift-multiply, the "lowbias32" constants): every
+    input bit flips each output bit with probability close to 1/2."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """uint32 random bits of `shape`, counter-based: `mix(mix(index ^ a) ^ b)` of each
+    entry's row-major index, with the words (a, b) drawn from `key`. Deterministic in
+    (key, shape), elementwise (XLA fuses it into its consumer and partitions it like
+    the output), and cheap; for rounding noise, not for cryptography. Tensors of more
+    than 2^32 entries repeat indices modulo 2^32."""
+    a, b = jax.random.bits(key, (2,), jnp.uint32)
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
+        stride *= shape[dim]
+    return _mix32(_mix32(index ^ a) ^ b)
+
+
 def quantize_blockwise(
     x: jax.Array, block_size: int | None = None, key: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
@@ -81,7 +109,8 @@ def quantize_blockwise(
     if key is None:
         q = jnp.round(y)
     else:
-        noise = jax.random.uniform(key, y.shape, jnp.float32)
+        # 24 random bits -> uniform [0, 1) with float32's resolution.
+        noise = (random_bits(key, y.shape) >> 8).astype(jnp.float32) * (1.0 / 2**24)
         q = jnp.floor(y + noise)
     q = jnp.clip(q, -_QMAX, _QMAX).astype(jnp.int8)
     return _unblocks(q, x.shape), scale
@@ -104,7 +133,7 @@ def stochastic_round_to_bf16(x: jax.Array, key: jax.Array) -> jax.Array:
     if x.dtype != jnp.float32:
         raise TypeError(f"stochastic_round_to_bf16 expects float32, got {x.dtype}")
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
+    noise = random_bits(key, x.shape) >> 16
     rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
     rounded = jnp.where(jnp.isfinite(x), rounded, bits)  # leave inf / nan alone
     return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)

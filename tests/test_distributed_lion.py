@@ -201,6 +201,15 @@ ENTRY %main (p: f32[1024], g: f32[1024]) -> f32[1024] {
     assert hbm_bytes(text) == 3 * 4096
 
 
+def test_hbm_sizes_include_tile_padding():
+    from train.hlo_comm import shape_bytes
+
+    assert shape_bytes("f32[1000,1]{1,0:T(8,128)}", hbm_only=True) == 1000 * 128 * 4  # a column
+    assert shape_bytes("f32[1000,1]{0,1:T(1,128)}", hbm_only=True) == 1024 * 4  # lane-major
+    assert shape_bytes("s8[40,100]{1,0:T(32,128)(4,1)}", hbm_only=True) == 64 * 128
+    assert shape_bytes("f32[1000,1]{1,0:T(8,128)}") == 1000 * 4  # logical without hbm_only
+
+
 # --------------------------------------------------------------------------- trainer
 
 

@@ -214,6 +214,28 @@ def test_stochastic_rounding_of_bf16_params():
     assert float(sr["w"].astype(jnp.float32).mean()) == pytest.approx(1.1, abs=0.002)
 
 
+def test_random_bits_are_uniform_independent_and_shard_invariant():
+    """The counter-based bits: each of the 32 bits set half the time, neighbouring entries
+    and consecutive steps (keys) uncorrelated, and the same bits when the output is split
+    over 8 devices (every device hashes its own global indices)."""
+    shape = (512, 1024)
+    key = jax.random.fold_in(jax.random.key(3), 17)
+    bits = np.asarray(quantize.random_bits(key, shape))
+    ones = np.stack([(bits >> k) & 1 for k in range(32)]).reshape(32, -1).mean(axis=1)
+    assert np.all(np.abs(ones - 0.5) < 0.005), ones  # 4 sigma at 2^19 samples is 0.0028
+    u = (bits >> 8).astype(np.float64) / 2**24
+    assert abs(u.mean() - 0.5) < 0.002 and abs(u.var() - 1 / 12) < 0.001
+    flat = u.reshape(-1) - 0.5
+    assert abs(np.mean(flat[1:] * flat[:-1])) / (1 / 12) < 0.01  # neighbours
+    nxt = np.asarray(quantize.random_bits(jax.random.fold_in(jax.random.key(3), 18), shape))
+    v = (nxt >> 8).astype(np.float64) / 2**24 - 0.5
+    assert abs(np.mean(flat * v.reshape(-1))) / (1 / 12) < 0.01  # next step's key
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
+    sharded = jax.jit(quantize.random_bits, static_argnums=1,
+                      out_shardings=NamedSharding(mesh, P("a", "b")))(key, shape)
+    np.testing.assert_array_equal(np.asarray(sharded), bits)
+
+
 def test_stochastic_rounding_is_reproducible_and_validated():
     params = _params()
     g = _grads(params, 1)[0]

@@ -247,6 +247,8 @@ BAD_INPUT = [
     (["--config.optimizer.lion.distributed=median"], "optimizer.lion.distributed must be one of"),
     (["--config.optimizer.lion.distributed=majority", "--config.optimizer.lion.vote_axis=model"],
      "vote_axis 'model' is not a mesh axis"),
+    (["--config.optimizer.lion.fused_apply=True", "--config.optimizer.lion.kernel=cuda"],
+     "kernel must be one of"),
 ]
 
 

@@ -29,7 +29,6 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-import lion_optax  # noqa: E402
 from models import partitioning  # noqa: E402
 from train import cli, hardware, optim, steps, tasks  # noqa: E402
 from train import mesh as mesh_lib  # noqa: E402
@@ -84,15 +83,12 @@ def _lowered_train_step(config, mesh):
     vote_axis, zero_axis = optim.layout(config, mesh, rules)  # Distributed Lion / ZeRO, or None
     graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
     shardings = steps.state_shardings(abstract_params, tx, mesh, vote_axis, zero_axis=zero_axis)
-    grad_shardings = lion_optax.zero_shardings(abstract_params, axis=zero_axis) if zero_axis else None
     state = steps.abstract_state(abstract_params, shardings, tx, vote_axis)
     batch_sharding = jax.sharding.NamedSharding(mesh, steps.BATCH_SPEC)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
              for k, v in task.example_batch_shapes(config.batch_size).items()}
-    train_step = jax.jit(
-        steps.make_train_step(task, graphdef, tx, lr_schedule, config.grad_accum_steps,
-                              vote_axis=vote_axis, grad_shardings=grad_shardings),
-        in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+    train_step = steps.jit_train_step(config, task, graphdef, tx, lr_schedule, shardings, abstract_params,
+                                      vote_axis, zero_axis)
     with partitioning.sharding_context(mesh, rules):
         return task, state, train_step.lower(state, batch)
 

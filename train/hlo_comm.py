@@ -33,6 +33,7 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, 
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([<=0-9,]*)\]")
 _ARRAY_LAYOUT = re.compile(r"\b([a-z][a-z0-9]*)\[([<=0-9,]*)\](\{[^}]*\})?")
 _ON_CHIP = re.compile(r"S\([1-9]\d*\)")  # layout memory space other than HBM (VMEM, ...)
+_TILE = re.compile(r"T\(([0-9,]+)\)")  # the first (outer) tile of a TPU layout
 _MOVES_NOTHING = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "after-all",
                   "add-dependency", "opt-barrier", "partition-id", "replica-id"}
 _ASSIGN = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
@@ -48,9 +49,25 @@ _PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
 _REPLICAS = re.compile(r"\breplica_count=(\d+)")
 
 
+def _padded(sizes: list[int], layout: str) -> list[int]:
+    """`sizes` rounded up to the layout's first tile, e.g. `{1,0:T(8,128)}` pads the minor
+    dimension (1 in minor-to-major order) to 128 and the next to 8: an f32[n,1] column
+    takes 512 bytes per entry in HBM."""
+    order_text, _, tiling = layout.strip("{}").partition(":")
+    tile = _TILE.search(tiling)
+    order = [int(d) for d in order_text.split(",") if d.strip()]
+    if tile is None or not order:
+        return sizes
+    sizes = list(sizes)
+    for dim, t in zip(order, reversed([int(t) for t in tile.group(1).split(",")])):
+        sizes[dim] = -(-sizes[dim] // t) * t
+    return sizes
+
+
 def shape_bytes(shape: str, hbm_only: bool = False) -> float:
     """Bytes of an HLO shape string (an array or a tuple of arrays); tokens, opaque: 0.
-    `hbm_only`: count only arrays whose layout puts them in HBM (no `S(n)`, n > 0)."""
+    `hbm_only`: count only arrays whose layout puts them in HBM (no `S(n)`, n > 0), with
+    their tile padding (what they occupy there); otherwise logical sizes."""
     total = 0.0
     for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
         if hbm_only and _ON_CHIP.search(layout):
@@ -62,6 +79,8 @@ def shape_bytes(shape: str, hbm_only: bool = False) -> float:
         else:
             continue
         sizes = [int(d.replace("<=", "")) for d in dims.split(",") if d]
+        if hbm_only and layout:
+            sizes = _padded(sizes, layout)
         total += size * math.prod(sizes)
     return total
 
@@ -221,8 +240,9 @@ def hbm_bytes(hlo_text: str) -> float:
     lives in HBM (no `S(n)` in its layout) and writes each result in HBM; bookkeeping ops
     (parameter, constant, bitcast, tuple, get-tuple-element, `*-done`, ...) move nothing.
     A `copy-start` / `slice-start` moves its destination (the result of the matching
-    `*-done`): read if the source is in HBM, written if the destination is. Sizes are
-    logical, ignoring tile padding. An approximation: an operand counts as read whole and
+    `*-done`): read if the source is in HBM, written if the destination is. Sizes include
+    tile padding (an f32[n,1] column in a T(8,128) layout moves 512 bytes per entry). An
+    approximation: an operand counts as read whole and
     once per instruction, and the bodies of while / call / conditional are not walked.
     """
     entry = hlo_text[hlo_text.index("\nENTRY "):].split("\n}")[0].splitlines()[1:]

@@ -8,7 +8,8 @@
         lion=dict(learning_rate=1e-4, weight_decay=10.0, b1=0.9, b2=0.99,
                   mu_dtype="bfloat16",          # | float32 | int8 (block_size: 0 = per row)
                   stochastic_rounding=False, cautious=False,
-                  distributed="", vote_axis="data"),  # "majority" | "mean": Distributed Lion
+                  distributed="", vote_axis="data",  # "majority" | "mean": Distributed Lion
+                  fused_apply=False, kernel="auto"),  # update + apply in one pass (int8)
         adamw=dict(learning_rate=1e-3, weight_decay=1.0, b1=0.9, b2=0.999, eps=1e-6),
         adafactor=dict(learning_rate=1e-3, weight_decay=1e-3, ...),
     )
@@ -19,7 +20,9 @@ multiplied by the learning rate (optax convention) and applies to matrices only
 (`lion_optax.decay_mask`). `optimizer.lion.distributed` switches to Distributed Lion
 (`lion_optax.distributed_lion`, per-worker momentum and 1-bit sign votes over
 `optimizer.lion.vote_axis`), which the train step runs inside `jax.shard_map` (train/dlion.py);
-clipping then applies to each worker's local gradients.
+clipping then applies to each worker's local gradients. `optimizer.lion.fused_apply` makes
+the train step update and apply in one pass (`lion_optax.fused_lion`, a Pallas kernel for
+int8 momentum on TPU) through `fused_apply`, on the same optimizer state as the optax path.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -90,6 +94,17 @@ def layout(config, mesh, rules) -> tuple[str | None, str | None]:
     return vote, zero
 
 
+def _lion_options(hp: dict) -> dict:
+    """`optimizer.lion` (minus learning_rate / weight_decay) as `lion_optax.lion` keywords."""
+    mu_dtype = hp.pop("mu_dtype", "bfloat16")
+    if mu_dtype not in LION_MOMENTUM:
+        raise ConfigError(f"optimizer.lion.mu_dtype must be one of {LION_MOMENTUM}, got {mu_dtype!r}")
+    hp["mu_dtype"] = None if mu_dtype is None else jnp.dtype(mu_dtype)
+    if hp.get("block_size") == 0:  # config spelling of "one int8 block per row"
+        hp["block_size"] = None
+    return hp
+
+
 def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax transform, learning-rate schedule) for `opt_cfg.name`, with global-norm
     clipping and non-finite updates dropped."""
@@ -101,23 +116,19 @@ def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTran
     wd = float(hp.pop("weight_decay", 0.0))
     mask = functools.partial(lion_optax.decay_mask, decay_embeddings=bool(opt_cfg.get("decay_embeddings", True)))
     if name == "lion":
-        mu_dtype = hp.pop("mu_dtype", "bfloat16")
-        if mu_dtype not in LION_MOMENTUM:
-            raise ConfigError(f"optimizer.lion.mu_dtype must be one of {LION_MOMENTUM}, got {mu_dtype!r}")
-        mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-        if hp.get("block_size") == 0:  # config spelling of "one int8 block per row"
-            hp["block_size"] = None
+        hp = _lion_options(hp)
         vote, axis = hp.pop("distributed", ""), hp.pop("vote_axis", "data")
+        hp.pop("fused_apply", None), hp.pop("kernel", None)  # see `fused_apply`
         if vote_axis(opt_cfg) is None:
             try:
-                tx = lion_optax.lion(lr, weight_decay=wd, mask=mask, mu_dtype=mu_dtype, **hp)
+                tx = lion_optax.lion(lr, weight_decay=wd, mask=mask, **hp)
             except ValueError as e:  # e.g. block_size <= 0
                 raise ConfigError(f"optimizer.lion: {e}") from None
         else:
             if hp.pop("cautious", False):  # its per-tensor rescale does not survive 1-bit votes
                 raise ConfigError(f"optimizer.lion.cautious is not supported with distributed={vote!r}")
             try:
-                tx = lion_optax.distributed_lion(lr, weight_decay=wd, mask=mask, mu_dtype=mu_dtype,
+                tx = lion_optax.distributed_lion(lr, weight_decay=wd, mask=mask,
                                                  axis_name=axis, vote=vote, **hp)
             except (TypeError, ValueError) as e:  # e.g. an option only `lion` has
                 raise ConfigError(f"optimizer.lion with distributed={vote!r}: {e}") from None
@@ -136,3 +147,51 @@ def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTran
     # A step whose gradients hold NaN/Inf leaves params and optimizer state untouched
     # (optax counts it in `total_notfinite`); the trainer then skips or halts.
     return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 2), lr
+
+
+def fused_apply(opt_cfg: Mapping, num_steps: int):
+    """`(grads, opt_state, params, opt_state_shardings) -> (params, opt_state)` doing what
+    `make_optimizer`'s transform plus `optax.apply_updates` do (clipping, dropping
+    non-finite steps), with the Lion update applied in one pass by `lion_optax.fused_lion`
+    on each device's shard of the state; None unless `optimizer.lion.fused_apply`. It
+    reads and writes `make_optimizer`'s state, so checkpoints are interchangeable between
+    the two paths."""
+    lion_cfg = dict(opt_cfg.get("lion") or {})
+    if opt_cfg.get("name") != "lion" or not lion_cfg.get("fused_apply", False):
+        return None
+    if vote_axis(opt_cfg) is not None:
+        raise ConfigError("optimizer.lion.fused_apply cannot be combined with optimizer.lion.distributed")
+    lr = make_schedule(float(lion_cfg.pop("learning_rate")), num_steps, opt_cfg)
+    wd = float(lion_cfg.pop("weight_decay", 0.0))
+    kernel = lion_cfg.pop("kernel", "auto")
+    for key in ("distributed", "vote_axis", "fused_apply"):
+        lion_cfg.pop(key, None)
+    mask = functools.partial(lion_optax.decay_mask, decay_embeddings=bool(opt_cfg.get("decay_embeddings", True)))
+    try:
+        opt = lion_optax.fused_lion(lr, weight_decay=wd, mask=mask, kernel=kernel, **_lion_options(lion_cfg))
+    except ValueError as e:
+        raise ConfigError(f"optimizer.lion: {e}") from None
+    clip = opt_cfg.get("grad_clip_norm")
+
+    def apply(grads, opt_state, params, opt_state_shardings=None):
+        # opt_state is optax.apply_if_finite(chain(clip_by_global_norm, lion)).init(params)
+        inner = opt_state.inner_state
+        mu_shardings = None
+        if opt_state_shardings is not None:
+            sharded = opt_state_shardings.inner_state
+            mu_shardings = (sharded[1] if clip else sharded).mu
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        scale = None
+        if clip:  # optax.clip_by_global_norm's factor
+            norm = optax.global_norm(grads)
+            scale = jnp.where(norm < float(clip), 1.0, float(clip) / norm)
+        params, lion_state = opt.apply(grads, inner[1] if clip else inner, params, scale, finite,
+                                       mu_shardings)
+        bad = optax.safe_increment
+        return params, opt_state._replace(
+            notfinite_count=jnp.where(finite, 0, bad(opt_state.notfinite_count)),
+            last_finite=finite,
+            total_notfinite=jnp.where(finite, opt_state.total_notfinite, bad(opt_state.total_notfinite)),
+            inner_state=(inner[0], lion_state) if clip else lion_state)
+
+    return apply

@@ -7,6 +7,7 @@ jits, donates and checkpoints without wrappers; the model is rebuilt from the st
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import lion_optax
 from models import partitioning
-from train import dlion
+from train import dlion, optim
 
 
 class TrainState(NamedTuple):
@@ -181,7 +182,7 @@ def poison_at(grads, step, nan_at_step: int | None):
 
 def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int,
                     nan_at_step: int | None = None, vote_axis: str | None = None,
-                    grad_shardings=None):
+                    grad_shardings=None, apply_fn=None):
     """Pure `(state, batch) -> (state, metrics)`; jit it with donated state, and trace it
     inside `partitioning.sharding_context(mesh, rules)`.
 
@@ -193,6 +194,8 @@ def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int,
     `grad_shardings` (ZeRO, `lion_optax.zero_shardings`) the gradients are
     reduce-scattered to the optimizer state's sharding (`zero_grad_fn`), each replica
     updates its shard, and the new params are all-gathered (by the step's out_shardings).
+    With `apply_fn` (`optim.fused_apply`) the step calls `apply_fn(grads, opt_state,
+    params) -> (params, opt_state)` instead of `tx.update` + `optax.apply_updates`.
     """
     grad_fn = make_grad_fn(task, graphdef, grad_accum_steps)
     if grad_shardings is not None:
@@ -205,14 +208,33 @@ def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int,
         (loss, aux), grads = grad_fn(state.params, batch, rng)
         grads = poison_at(grads, state.step, nan_at_step)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        if apply_fn is None:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        else:
+            params, opt_state = apply_fn(grads, state.opt_state, state.params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step),
                    "nonfinite": 1.0 - finite.astype(jnp.float32), **aux}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return train_step
+
+
+def jit_train_step(config, task, graphdef, tx, lr_schedule, shardings: TrainState, abstract_params,
+                   vote_axis: str | None = None, zero_axis: str | None = None,
+                   nan_at_step: int | None = None):
+    """`make_train_step` for `config`, jitted over `shardings` with the state donated: ZeRO
+    gradient layout from `zero_axis`, the fused Lion apply when the config asks for it."""
+    grad_shardings = lion_optax.zero_shardings(abstract_params, axis=zero_axis) if zero_axis else None
+    apply_fn = optim.fused_apply(config.optimizer, config.num_steps)
+    if apply_fn is not None:
+        apply_fn = functools.partial(apply_fn, opt_state_shardings=shardings.opt_state)
+    step = make_train_step(task, graphdef, tx, lr_schedule, config.grad_accum_steps,
+                           nan_at_step=nan_at_step, vote_axis=vote_axis,
+                           grad_shardings=grad_shardings, apply_fn=apply_fn)
+    return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None),
+                   donate_argnums=0)
 
 
 def make_eval_step(task, graphdef):

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import lion_optax
 from models import partitioning
 from train import data as data_lib
 from train import mesh as mesh_lib
@@ -137,6 +136,7 @@ def run(config, workdir: str) -> dict[str, float]:
     mesh_lib.check_batch(config.batch_size, config.grad_accum_steps, mesh, jax.process_count())
     task = tasks.make_task(config)
     tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps)
+    optim.fused_apply(config.optimizer, config.num_steps)  # validates optimizer.lion.fused_apply
     rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
     vote_axis, zero_axis = optim.layout(config, mesh, rules)  # Distributed Lion / ZeRO, or None
     train_iter = data_lib.make_train_iterator(config.data, config.batch_size, config.seed)
@@ -155,7 +155,6 @@ def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter,
                         config.keep_checkpoints)
     graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
     shardings = steps.state_shardings(abstract_params, tx, mesh, vote_axis, zero_axis)
-    grad_shardings = lion_optax.zero_shardings(abstract_params, axis=zero_axis) if zero_axis else None
     target = steps.abstract_state(abstract_params, shardings, tx, vote_axis)
     state = ckpt.restore_latest(target, train_iter)
     if state is None:
@@ -163,11 +162,8 @@ def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter,
     start = int(jax.device_get(state.step))
 
     nan_at = config.get("debug_nan_at_step", -1)  # a logged step number: state.step + 1
-    train_step = jax.jit(
-        steps.make_train_step(task, graphdef, tx, lr_schedule, config.grad_accum_steps,
-                              nan_at_step=nan_at - 1 if nan_at > 0 else None, vote_axis=vote_axis,
-                              grad_shardings=grad_shardings),
-        in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+    train_step = steps.jit_train_step(config, task, graphdef, tx, lr_schedule, shardings, abstract_params,
+                                      vote_axis, zero_axis, nan_at_step=nan_at - 1 if nan_at > 0 else None)
     eval_step = jax.jit(steps.make_eval_step(task, graphdef))
 
     units = task.units(config.batch_size)

@@ -203,6 +203,8 @@ def fused_lion(
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if not all(isinstance(x, (int, float)) for x in (b1, b2)):  # compiled into the kernel
+        raise ValueError(f"fused_lion: b1 and b2 must be Python numbers, got {b1!r}, {b2!r}")
     tx = _lion.lion(learning_rate, b1, b2, mu_dtype, weight_decay, mask, **lion_kwargs)
     mu_dtype, block_size, _ = _lion._check_options(
         mu_dtype, lion_kwargs.get("block_size"), lion_kwargs.get("stochastic_rounding", False),
@@ -230,8 +232,6 @@ def fused_lion(
         device's shard. Without them it sees whole arrays, which XLA would gather."""
         if not fusable:
             return unfused(grads, state, params, grad_scale, apply_if)
-        if not all(isinstance(x, (int, float)) for x in (b1, b2)):
-            raise ValueError("fused_lion: b1 and b2 must be Python numbers")
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
         gs = 1.0 if grad_scale is None else grad_scale

@@ -5,12 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _util import tiny_lm, train_losses
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lion_optax
 from lion_optax import fused
-from train import hlo_comm
+from train import hlo_comm, optim, trainer
+from train.errors import ConfigError
 
 SHAPES = {"w": (70, 300), "stack": (5, 3, 40), "bias": (300,), "gain": (), "proj": (64, 128)}
 MASK = {"w": True, "stack": True, "bias": False, "gain": False, "proj": True}
@@ -138,9 +140,6 @@ def test_trainer_fused_apply_resumes_optax_checkpoint_and_matches(tmp_path):
     """optimizer.lion.fused_apply on a data=2 x fsdp=4 mesh (rows and last axes split),
     with the state ZeRO-sharded over data: it continues a checkpoint written by the optax
     path (replicated state), drops a NaN step the same way, and gives its losses."""
-    from tests._util import tiny_lm, train_losses
-    from train import trainer
-
     common = {"mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1, "optimizer.lion.mu_dtype": "int8",
               "num_steps": 4, "checkpoint_every": 2, "debug_nan_at_step": 3}
     trainer.run(tiny_lm(**common), str(tmp_path / "optax"))
@@ -218,10 +217,6 @@ def test_tpu_kernel_runs_on_each_chips_rows():
 
 
 def test_fused_apply_config_errors():
-    from tests._util import tiny_lm
-    from train import optim
-    from train.errors import ConfigError
-
     assert optim.fused_apply(tiny_lm().optimizer, 10) is None  # off by default
     config = tiny_lm(**{"optimizer.lion.fused_apply": True, "optimizer.lion.distributed": "majority"})
     with pytest.raises(ConfigError, match="cannot be combined with optimizer.lion.distributed"):

@@ -94,15 +94,22 @@ def layout(config, mesh, rules) -> tuple[str | None, str | None]:
     return vote, zero
 
 
-def _lion_options(hp: dict) -> dict:
-    """`optimizer.lion` (minus learning_rate / weight_decay) as `lion_optax.lion` keywords."""
-    mu_dtype = hp.pop("mu_dtype", "bfloat16")
-    if mu_dtype not in LION_MOMENTUM:
-        raise ConfigError(f"optimizer.lion.mu_dtype must be one of {LION_MOMENTUM}, got {mu_dtype!r}")
-    hp["mu_dtype"] = None if mu_dtype is None else jnp.dtype(mu_dtype)
-    if hp.get("block_size") == 0:  # config spelling of "one int8 block per row"
-        hp["block_size"] = None
-    return hp
+def _common(opt_cfg: Mapping, name: str, num_steps: int):
+    """(lr schedule, weight decay, decay mask, remaining hyperparameters) of optimizer
+    `name`; for Lion the rest is spelled as `lion_optax.lion` keywords plus the trainer's
+    own keys (`distributed`, `vote_axis`, `fused_apply`, `kernel`)."""
+    hp = dict(opt_cfg[name])
+    lr = make_schedule(float(hp.pop("learning_rate")), num_steps, opt_cfg)
+    wd = float(hp.pop("weight_decay", 0.0))
+    mask = functools.partial(lion_optax.decay_mask, decay_embeddings=bool(opt_cfg.get("decay_embeddings", True)))
+    if name == "lion":
+        mu_dtype = hp.pop("mu_dtype", "bfloat16")
+        if mu_dtype not in LION_MOMENTUM:
+            raise ConfigError(f"optimizer.lion.mu_dtype must be one of {LION_MOMENTUM}, got {mu_dtype!r}")
+        hp["mu_dtype"] = None if mu_dtype is None else jnp.dtype(mu_dtype)
+        if hp.get("block_size") == 0:  # config spelling of "one int8 block per row"
+            hp["block_size"] = None
+    return lr, wd, mask, hp
 
 
 def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -111,12 +118,8 @@ def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTran
     name = opt_cfg.get("name")
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name must be one of {OPTIMIZERS}, got {name!r}")
-    hp = dict(opt_cfg[name])
-    lr = make_schedule(float(hp.pop("learning_rate")), num_steps, opt_cfg)
-    wd = float(hp.pop("weight_decay", 0.0))
-    mask = functools.partial(lion_optax.decay_mask, decay_embeddings=bool(opt_cfg.get("decay_embeddings", True)))
+    lr, wd, mask, hp = _common(opt_cfg, name, num_steps)
     if name == "lion":
-        hp = _lion_options(hp)
         vote, axis = hp.pop("distributed", ""), hp.pop("vote_axis", "data")
         hp.pop("fused_apply", None), hp.pop("kernel", None)  # see `fused_apply`
         if vote_axis(opt_cfg) is None:
@@ -156,19 +159,16 @@ def fused_apply(opt_cfg: Mapping, num_steps: int):
     on each device's shard of the state; None unless `optimizer.lion.fused_apply`. It
     reads and writes `make_optimizer`'s state, so checkpoints are interchangeable between
     the two paths."""
-    lion_cfg = dict(opt_cfg.get("lion") or {})
-    if opt_cfg.get("name") != "lion" or not lion_cfg.get("fused_apply", False):
+    if opt_cfg.get("name") != "lion" or not (opt_cfg.get("lion") or {}).get("fused_apply", False):
         return None
     if vote_axis(opt_cfg) is not None:
         raise ConfigError("optimizer.lion.fused_apply cannot be combined with optimizer.lion.distributed")
-    lr = make_schedule(float(lion_cfg.pop("learning_rate")), num_steps, opt_cfg)
-    wd = float(lion_cfg.pop("weight_decay", 0.0))
-    kernel = lion_cfg.pop("kernel", "auto")
+    lr, wd, mask, hp = _common(opt_cfg, "lion", num_steps)
+    kernel = hp.pop("kernel", "auto")
     for key in ("distributed", "vote_axis", "fused_apply"):
-        lion_cfg.pop(key, None)
-    mask = functools.partial(lion_optax.decay_mask, decay_embeddings=bool(opt_cfg.get("decay_embeddings", True)))
+        hp.pop(key, None)
     try:
-        opt = lion_optax.fused_lion(lr, weight_decay=wd, mask=mask, kernel=kernel, **_lion_options(lion_cfg))
+        opt = lion_optax.fused_lion(lr, weight_decay=wd, mask=mask, kernel=kernel, **hp)
     except ValueError as e:
         raise ConfigError(f"optimizer.lion: {e}") from None
     clip = opt_cfg.get("grad_clip_norm")

@@ -139,3 +139,21 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=None):
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def logical_axes(state) -> dict:
+    """The logical axis names of every Variable of an `nnx.State` (abstract or concrete),
+    as a pure dict shaped like `nnx.to_pure_dict(state)` whose leaves are tuples of names
+    (None for a dimension without one, or for a Variable without an annotation)."""
+    from flax import nnx
+
+    out: dict = {}
+    leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]
+    for path, v in leaves:
+        names = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+        keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = tuple(names) if names else (None,) * len(getattr(v, "shape", ()))
+    return out

@@ -217,6 +217,23 @@ def test_decay_mask_rules():
     assert no_emb["dense"]["kernel"] is True
 
 
+def test_decay_mask_ignores_stacked_axes_by_path_or_logical_names():
+    params = {"layers": {"norm": {"scale": jnp.zeros((4, 8))}, "kernel": jnp.zeros((4, 8, 8)),
+                         "qbias": jnp.zeros((4, 2, 4))},
+              "head": jnp.zeros((8, 3))}
+    by_path = lion_optax.decay_mask(params, stacked=(r"(^|/)layers/",))
+    assert by_path == {"layers": {"norm": {"scale": False}, "kernel": True, "qbias": True},
+                       "head": True}
+    axes = {"layers": {"norm": {"scale": ("layers", "embed")}, "kernel": ("layers", "embed", "mlp"),
+                       "qbias": ("layers", "heads", "head_dim")},
+            "head": ("embed", None)}  # a broadcast (None) axis is not a feature axis
+    by_names = lion_optax.decay_mask(params, logical_axes=axes)
+    assert by_names == {"layers": {"norm": {"scale": False}, "kernel": True, "qbias": True},
+                        "head": False}
+    split_heads = lion_optax.decay_mask(params, logical_axes=axes, ignore_axes=("layers", "head_dim"))
+    assert split_heads["layers"]["qbias"] is False and split_heads["layers"]["kernel"] is True
+
+
 def test_decay_mask_on_nnx_state_and_abstract_shapes():
     from flax import nnx
 
@@ -308,6 +325,32 @@ def test_state_born_sharded_like_params_and_update_has_no_collectives():
     new_params, new_state = compiled(params, state, grads)
     for mu, p, s in zip(jax.tree.leaves(new_state.mu), jax.tree.leaves(new_params), jax.tree.leaves(shardings)):
         assert mu.sharding == s and p.sharding == s and mu.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({}, {}),
+    ({"mu_dtype": jnp.int8}, {"all-reduce": 3}),  # row maxima over a split last axis
+    ({"mu_dtype": jnp.int8, "block_size": 4}, {}),  # each block lies inside one shard
+    ({"cautious": True}, {"all-reduce": 3}),  # the per-tensor rescale
+])
+def test_which_options_add_collectives_to_the_sharded_update(options, expected):
+    """What README and the `lion` docstring say about collectives, counted on one sharded
+    tree (kernels split on both axes over a 2x4 mesh)."""
+    import re
+
+    mesh = _mesh()
+    params, shardings = _sharded_params(mesh)
+    opt = lion_optax.lion(1e-3, weight_decay=0.1, mask=lion_optax.decay_mask, **options)
+    abstract = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, shardings)
+    state = jax.jit(opt.init, out_shardings=lion_optax.state_shardings(opt, abstract))(params)
+
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    hlo = jax.jit(step).lower(params, state, params).compile().as_text()
+    counts = {c: len(re.findall(rf"= \S+ {c}(-start)?\(", hlo)) for c in COLLECTIVES}
+    assert {c: n for c, n in counts.items() if n} == expected, counts
 
 
 def test_state_shardings_for_wrapped_optimizers():

@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from models import decoder as decoder_lib
+from models import partitioning
 from models import vit as vit_lib
 from train.errors import ConfigError
 
@@ -35,7 +36,21 @@ def _model_overrides(model_cfg: Mapping, skip: tuple[str, ...]) -> dict[str, Any
     return out
 
 
-class ImageClassification:
+class _Task:
+    def build(self, rngs: nnx.Rngs) -> nnx.Module:
+        raise NotImplementedError
+
+    def abstract_params(self) -> tuple[dict, dict]:
+        """(ShapeDtypeStructs, logical axis names) of the parameters as pure dicts, from
+        an abstract build (nothing allocated, no mesh); computed once per task."""
+        if getattr(self, "_abstract", None) is None:
+            with partitioning.sharding_context(None):
+                state = nnx.state(nnx.eval_shape(lambda: self.build(nnx.Rngs(0))))
+            self._abstract = (nnx.to_pure_dict(state), partitioning.logical_axes(state))
+        return self._abstract
+
+
+class ImageClassification(_Task):
     """ViT on (image, label) batches; softmax cross-entropy with optional label smoothing."""
 
     batch_keys = ("image", "label")
@@ -85,7 +100,7 @@ class ImageClassification:
         return {"loss": jnp.sum(nll * w), "accuracy": jnp.sum(correct * w), "count": jnp.sum(w)}
 
 
-class LanguageModeling:
+class LanguageModeling(_Task):
     """Decoder LM on packed (inputs, targets, mask) batches; cross-entropy + z-loss."""
 
     batch_keys = ("inputs", "targets", "mask")

@@ -10,8 +10,11 @@ Lion (Chen et al. 2023, arXiv 2302.06675, Algorithm 2), per parameter and step t
 the momentum update) in one `jax.tree.map`, so under `jax.jit` XLA fuses it into a
 single elementwise pass per parameter: it reads g, m and theta and writes the update and
 the new momentum. Arithmetic happens in at least float32 whatever the storage dtypes; the
-momentum is rounded to `mu_dtype` once per step. All work is elementwise, so every
-state leaf keeps its parameter's sharding and the compiled update has no collectives.
+momentum is rounded to `mu_dtype` once per step. Every state leaf keeps its parameter's
+sharding. The bf16 / fp32 update is elementwise and compiles without collectives; int8
+momentum needs each row's (or block's) absmax and Cautious Lion a per-tensor rescale, which
+become collectives where the reduced axis is sharded (all-reduces for split rows; blocks
+inside one shard need none).
 
 Options beyond the paper: int8 blockwise momentum (`mu_dtype=jnp.int8`), stochastic
 rounding of the stored momentum, and Cautious Lion (`cautious=True`, one reduction per

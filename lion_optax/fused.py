@@ -71,6 +71,21 @@ def row_tile(rows: int, width: int) -> int | None:
     return tile or None
 
 
+def kernel_dma_bytes(rows: int, width: int, param_dtype=jnp.float32, grad_dtype=jnp.float32) -> int | None:
+    """HBM bytes the kernel's grid moves for one [rows, width] leaf, from its BlockSpecs:
+    each grid step reads a (tile, width) block of theta, g and int8 m plus a tile of
+    float32 scales, and writes theta, m and the scales back (the last block padded to a
+    whole tile). A compile-time model of the DMAs, independent of the `CostEstimate` the
+    kernel hands Pallas (which `cost_analysis()` merely reports); None if the leaf takes
+    the XLA route."""
+    tile = row_tile(rows, width)
+    if tile is None:
+        return None
+    p, g = jnp.dtype(param_dtype).itemsize, jnp.dtype(grad_dtype).itemsize
+    per_row = width * (p + g + 1) + 4 + width * (p + 1) + 4  # read theta, g, m, scale; write 3
+    return pl.cdiv(rows, tile) * tile * per_row
+
+
 def _sign(x):
     # jnp.sign's Pallas TPU lowering asks the local device for its TPU generation,
     # which fails when compiling ahead of time on a host without one.

@@ -49,7 +49,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     seq_len, batch, vocab = sizes[arg]
     c.data = data_lib.default_data_config("c4")
     # tokenizer: path of the SentencePiece .model matching vocab_size (required).
-    c.data.update(dict(seq_len=seq_len, tokenizer="", vocab_size=vocab))
+    # Eval reads the first ~50M tokens of the validation split (24 / 48 batches), not all
+    # of it at every eval on every process.
+    c.data.update(dict(seq_len=seq_len, tokenizer="", vocab_size=vocab,
+                       eval_max_batches=-(-50_000_000 // (seq_len * batch))))
     c.model = ml_collections.ConfigDict(dict(
         family="lm", size=arg, max_seq_len=seq_len, scan_layers=True, remat="full",
         dtype="bfloat16"))

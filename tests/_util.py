@@ -42,6 +42,22 @@ def train_losses(workdir):
     return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
 
 
+def starts(workdir):
+    """The step each invocation of the trainer on `workdir` started at (its "start" events):
+    [0, 4] is a fresh run resumed once from step 4; a restart would show as [0, 0]."""
+    return [m["step"] for m in read_metrics(workdir) if m.get("event") == "start"]
+
+
+def assert_resumed_at(workdir, step, stderr=None):
+    """The last invocation resumed at `step`: its start event says so (and its stderr, when
+    given), and no step up to `step` was trained (logged) twice."""
+    assert starts(workdir)[-1] == step, starts(workdir)
+    if stderr is not None:
+        assert f"resumed from step {step}" in stderr, stderr[-2000:]
+    logged = [m["step"] for m in read_metrics(workdir) if "loss" in m and m["step"] <= step]
+    assert len(logged) == len(set(logged)), "steps before the resume point were trained again"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,12 +79,15 @@ def run_trainer(*args, devices: int = 8, timeout: int = 240) -> subprocess.Compl
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_two_processes(workdir, **overrides):
-    """`python -m train` as 2 processes x 4 CPU devices (gloo over loopback)."""
+def run_two_processes(workdir, *, check: bool = True, **overrides):
+    """`python -m train` as 2 processes x 4 CPU devices (gloo over loopback); with
+    check=False, returns [(returncode, stderr)] per process instead of asserting rc 0."""
     port = free_port()
     args = ["--config=configs/lm.py:demo", f"--workdir={workdir}", *cli_flags(**overrides),
             f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
     procs = [start_trainer(*args, f"--process_id={i}", devices=4) for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
+    if not check:
+        return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]

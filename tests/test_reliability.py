@@ -8,13 +8,16 @@ import fcntl
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from _util import cli_flags, read_metrics, run_trainer, run_two_processes, start_trainer, tiny_lm, train_losses
+from _util import (REPO, assert_resumed_at, cli_flags, cpu_env, read_metrics, run_trainer, run_two_processes,
+                   start_trainer, starts, tiny_lm, train_losses)
 
 from train import trainer
 from train.errors import TrainingHalted
@@ -71,8 +74,11 @@ def test_sigkill_then_same_command_is_bitwise_identical(tmp_path, tmp_path_facto
     proc.wait(timeout=30)
     assert killed_after < 12
     # Whatever was in flight (an async save, metrics) is ignored or replayed.
+    saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     result = run_trainer(*args)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert 2 <= saved <= killed_after and starts(workdir) == [0, saved]
+    assert_resumed_at(workdir, saved, result.stderr)  # resumed, not retrained from step 1
     assert_bitwise_equal(saved_params(workdir, 12), saved_params(reference, 12))
     ref_losses, losses = train_losses(reference), train_losses(workdir)
     assert sorted(losses) == list(range(1, 13))
@@ -89,6 +95,8 @@ def test_resume_on_a_different_mesh(tmp_path, tmp_path_factory):
     trainer.run(tiny_lm(num_steps=4, checkpoint_every=2, **{"mesh.data": 8}), workdir)
     saved = saved_params(workdir, 4)
     trainer.run(tiny_lm(num_steps=6, checkpoint_every=2, **{"mesh.data": 2, "mesh.fsdp": 4}), workdir)
+    assert starts(workdir) == [0, 4]
+    assert_resumed_at(workdir, 4)
     # The checkpoint restored onto the 2x4 mesh holds exactly the saved values.
     from train import checkpoint, optim, steps, tasks
     from train import mesh as mesh_lib
@@ -97,7 +105,7 @@ def test_resume_on_a_different_mesh(tmp_path, tmp_path_factory):
     config = tiny_lm(**{"mesh.data": 2, "mesh.fsdp": 4})
     mesh = mesh_lib.make_mesh(config.mesh)
     task = tasks.make_task(config)
-    tx, _ = optim.make_optimizer(config.optimizer, config.num_steps)
+    tx, _ = optim.make_optimizer(config.optimizer, config.num_steps, optim.decay_mask(task, config.optimizer))
     _, abstract = steps.abstract_model(task, mesh, None)
     target = steps.abstract_state(abstract, steps.state_shardings(abstract, tx, mesh), tx)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 2, 0)
@@ -117,6 +125,8 @@ def test_saved_by_two_processes_resumed_by_one(tmp_path, tmp_path_factory):
     workdir = tmp_path / "procs"
     run_two_processes(workdir, num_steps=4, checkpoint_every=2)
     trainer.run(tiny_lm(num_steps=6, checkpoint_every=2), str(workdir))
+    assert starts(workdir) == [0, 4]
+    assert_resumed_at(workdir, 4)
     ref, got = train_losses(reference), train_losses(workdir)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in got:
@@ -142,10 +152,11 @@ def test_sigterm_checkpoints_within_a_step_exits_0_and_resumes(tmp_path):
     proc = start_trainer(*args)  # the same command resumes
     wait_for_step(workdir, saved[0] + 2, proc)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
+    assert starts(workdir) == [0, saved[0]]
+    assert_resumed_at(workdir, saved[0], err)
     steps = [m["step"] for m in read_metrics(workdir) if "loss" in m]
-    assert steps[: saved[0]] == list(range(1, saved[0] + 1))
-    assert steps[saved[0]] == saved[0] + 1 or steps[saved[0]] <= saved[0]  # resumed at the save
+    assert steps[: saved[0] + 1] == list(range(1, saved[0] + 2))  # continued at the save
 
 
 # ------------------------------------------------------------------ 4. damaged checkpoints
@@ -182,6 +193,7 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, tmp_pat
     assert len(warnings) == 1 and f"{ckpts / '6'}" in warnings[0], warnings
     assert (ckpts / "6.corrupt").is_dir()  # moved aside, never deleted
     assert {"6", "8"} <= set(os.listdir(ckpts))
+    assert starts(workdir) == [0, 4]
     # Resumed from step 4: the rest of the run is exactly the uninterrupted one.
     ref, got = train_losses(reference), train_losses(workdir)
     for step in (5, 6, 7, 8):
@@ -204,6 +216,26 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, tmp_path_factory):
     assert metrics[1]["loss"] == ref[1] and metrics[2]["loss"] == ref[2]
     for step in (2, 4, 6):
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved_params(workdir, step)))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_logged_lr_is_the_applied_lr_after_a_skipped_step(tmp_path, fused):
+    """Lion moves a parameter that is not weight-decayed by exactly lr per element
+    (|sign| = 1), so the change of a norm scale between per-step checkpoints is the lr the
+    optimizer applied; with a decaying schedule it must equal the logged lr at every step,
+    also after the NaN step 3 was dropped (the optimizer's count did not advance there)."""
+    workdir = tmp_path / "lr"
+    extra = {"optimizer.lion.fused_apply": True, "optimizer.lion.kernel": "interpret"} if fused else {}
+    trainer.run(tiny_lm(num_steps=6, checkpoint_every=1, keep_checkpoints=0, debug_nan_at_step=3,
+                        **{"optimizer.schedule": "linear", "optimizer.grad_clip_norm": 0.0, **extra}),
+                str(workdir))
+    logged = {m["step"]: m["lr"] for m in read_metrics(workdir) if "lr" in m}
+    scale = {s: saved_params(workdir, s)["layers"]["attn_norm"]["scale"] for s in range(1, 7)}
+    assert np.array_equal(scale[3], scale[2])  # the NaN step changed nothing
+    for step in (2, 4, 5, 6):
+        applied = float(np.max(np.abs(scale[step] - scale[step - 1])))
+        np.testing.assert_allclose(applied, logged[step], rtol=1e-3, err_msg=f"step {step}")
+    assert logged[4] < logged[2]  # the schedule decays, so a lagging count would show
 
 
 def test_nonfinite_step_halts_without_saving(tmp_path):
@@ -249,6 +281,14 @@ BAD_INPUT = [
      "vote_axis 'model' is not a mesh axis"),
     (["--config.optimizer.lion.fused_apply=True", "--config.optimizer.lion.kernel=cuda"],
      "kernel must be one of"),
+    (["--config.optimizer.grad_clip_norm=-1"], "grad_clip_norm must be a number >= 0"),
+    (["--config.optimizer.lion.learning_rat=1"],
+     "unknown config key config.optimizer.lion.learning_rat (in --config.optimizer.lion.learning_rat); "
+     "did you mean config.optimizer.lion.learning_rate?"),
+    (["--config.init_from=x"], "unknown config key config.init_from"),
+    (["--config.data.tokenizer=/nonexistent/sp.model"], "data.tokenizer /nonexistent/sp.model cannot be read"),
+    (["--config.data.tokenizer=README.md"], "data.tokenizer README.md is not a SentencePiece .model file"),
+    (["--config.data.eval_split=nosuch", "--config.eval_every=1"], "Unknown split 'nosuch'"),
 ]
 
 
@@ -262,6 +302,45 @@ def test_bad_input_one_line_exit_2_workdir_untouched(tmp_path, extra, message):
     assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("variant", ["1b", "8b"])
+def test_large_lm_without_a_tokenizer_is_one_line(tmp_path, variant):
+    workdir = tmp_path / "never_created"
+    result = run_trainer(f"--config=configs/lm.py:{variant}", f"--workdir={workdir}", "--config.num_steps=1")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert "data.tokenizer is not set" in errors[0] and "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_checkpoint_write_failure_is_one_line_and_keeps_older_checkpoints(tmp_path):
+    """A full disk, simulated by a file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so
+    writes past it fail with EFBIG): the step-4 save fails part-way. One `error:` line,
+    exit 4, no orbax temporary directory left, step 2 byte-identical, and a rerun with
+    room resumes from it."""
+    workdir = tmp_path / "full"
+    args = ["--config=configs/lm.py:demo", f"--workdir={workdir}"]
+    trainer.run(tiny_lm(num_steps=2, checkpoint_every=2), str(workdir))
+    ckpts = workdir / "checkpoints"
+    before = _snapshot(ckpts / "2")
+    limit = max(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ckpts / "2") for f in fs) // 2
+
+    # Set in a fresh interpreter that then execs the trainer (no preexec_fn under JAX threads).
+    small_disk = (f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+                  "os.execv(sys.executable, [sys.executable, '-m', 'train', *sys.argv[1:]])")
+    proc = subprocess.run([sys.executable, "-c", small_disk, *args, *cli_flags(num_steps=4, checkpoint_every=2)],
+                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=240)
+    err = proc.stderr
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 4, err[-3000:]
+    assert lines[-1].startswith("error: could not write checkpoint step 4") and "errno 27" in lines[-1], lines
+    assert len(lines) == 2 and lines[0] == "resumed from step 2", lines  # nothing else printed
+    assert os.listdir(ckpts) == ["2"]  # the partial step-4 save is gone
+    assert _snapshot(ckpts / "2") == before
+    result = run_trainer(*args, *cli_flags(num_steps=4, checkpoint_every=2))
+    assert result.returncode == 0 and "resumed from step 2" in result.stderr, result.stderr[-3000:]
+    assert sorted(os.listdir(ckpts)) == ["2", "4"]
 
 
 def test_workdir_not_writable(tmp_path):

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from _util import read_metrics, run_trainer, run_two_processes, tiny_lm, train_losses
+from _util import assert_resumed_at, read_metrics, run_trainer, run_two_processes, starts, tiny_lm, train_losses
 
 from configs import vit as vit_configs
 from train import aot, trainer
@@ -36,10 +36,42 @@ def test_lm_trains_resumes_exactly_and_logs(tmp_path):
     # Same run, stopped after step 3 (its checkpoint), then resumed by the same command.
     trainer.run(tiny_lm(**{"num_steps": 3}), split)
     trainer.run(tiny_lm(), split)
+    assert starts(split) == [0, 3]
+    assert_resumed_at(split, 3)
     resumed = train_losses(split)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == losses[step], step  # bitwise: same data, rng and state
+
+
+@pytest.mark.parametrize("pack_mode", ["cache", "stream"])
+def test_eval_pipeline_is_built_once_per_run(tmp_path, monkeypatch, pack_mode):
+    """Tokenizer, token source and eval pipeline are built once, however many evals run."""
+    from train import data as data_lib
+    from train import preprocess
+
+    counts = {}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(preprocess, "ByteTokenizer", counted("tokenizer", preprocess.ByteTokenizer))
+    monkeypatch.setattr(data_lib, "data_source", counted("source", data_lib.data_source))
+    monkeypatch.setattr(preprocess, "WindowSource", counted("source", preprocess.WindowSource))
+    monkeypatch.setattr(data_lib, "make_eval_batches", counted("eval", data_lib.make_eval_batches))
+    per_run = {}
+    for evals in (1, 4):
+        counts.clear()
+        getattr(preprocess.make_tokenizer, "cache_clear", lambda: None)()  # a fresh build per run
+        trainer.run(tiny_lm(num_steps=evals, eval_every=1, checkpoint_every=0,
+                            **{"data.pack_mode": pack_mode}), str(tmp_path / f"{pack_mode}{evals}"))
+        per_run[evals] = dict(counts)
+    assert per_run[4] == per_run[1], per_run  # nothing rebuilt per eval
+    assert per_run[4]["eval"] == 1 and per_run[4]["source"] == 2, per_run  # one train, one eval source
+    assert per_run[4]["tokenizer"] == 1, per_run  # built once, shared by train and eval
 
 
 def test_vit_demo_path_trains_and_evaluates(tmp_path):
@@ -60,22 +92,93 @@ def test_mesh_layouts_give_the_same_losses(tmp_path, mesh):
         np.testing.assert_allclose(other[step], base[step], rtol=0, atol=1e-5)
 
 
-_BASE_LOSSES = {}
+_BASE_RUNS = {}
+
+
+def _base_run(workdir, overrides):
+    key = tuple(sorted(overrides.items()))
+    if key not in _BASE_RUNS:
+        trainer.run(tiny_lm(**{"num_steps": 3, "checkpoint_every": 100, **overrides}), str(workdir))
+        _BASE_RUNS[key] = {m["step"]: m for m in read_metrics(str(workdir)) if "loss" in m}
+    return _BASE_RUNS[key]
 
 
 def train_losses_of(workdir, overrides):
-    key = tuple(sorted(overrides.items()))
-    if key not in _BASE_LOSSES:
-        trainer.run(tiny_lm(**{"num_steps": 3, "checkpoint_every": 100, **overrides}), str(workdir))
-        _BASE_LOSSES[key] = train_losses(str(workdir))
-    return _BASE_LOSSES[key]
+    return {step: m["loss"] for step, m in _base_run(workdir, overrides).items()}
+
+
+def grad_norms_of(workdir, overrides):
+    """step -> logged (pre-clipping) gradient norm: unlike Lion's losses, it scales with
+    the gradients, so a mis-scaled reduction shows here."""
+    return {step: m["grad_norm"] for step, m in _base_run(workdir, overrides).items()}
+
+
+def _reference_and_step_grads(config, transform):
+    """(reference: `jax.grad` of the task loss on the whole batch, unsharded, no mesh;
+    the trainer's gradient function built by `transform(task, graphdef, abstract)` and run
+    on the sharded batch) for the tiny LM at its initial parameters."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from models import partitioning
+    from train import data as data_lib
+    from train import optim, steps, tasks
+
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = partitioning.DEFAULT_RULES
+    task = tasks.make_task(config)
+    tx, _ = optim.make_optimizer(config.optimizer, config.num_steps, None)
+    graphdef, abstract = steps.abstract_model(task, mesh, rules)
+    shardings = steps.state_shardings(abstract, tx, mesh)
+    params = steps.init_state(task, tx, shardings, mesh, rules, 0).params
+    local = next(data_lib.make_train_iterator(config.data, config.batch_size, 0))
+    rng = jax.random.PRNGKey(1)
+    host_params = jax.tree.map(np.asarray, params)
+    reference = jax.jit(jax.grad(lambda p: task.loss(nnx.merge(graphdef, p), local, rng)[0]))(host_params)
+    grad_fn = transform(task, graphdef, abstract)
+    with partitioning.sharding_context(mesh, rules):
+        _, grads = jax.jit(grad_fn)(params, data_lib.to_global_batch(local, mesh), rng)
+    assert float(optax.global_norm(reference)) > 0
+    return jax.tree.map(np.asarray, reference), jax.tree.map(np.asarray, grads)
+
+
+def _assert_close_trees(a, b):
+    import jax
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(y, x, rtol=2e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_accumulated_gradients_equal_the_full_batch_gradient():
+    from train import steps
+
+    ref, got = _reference_and_step_grads(
+        tiny_lm(**{"mesh.data": 8}), lambda task, g, _: steps.make_grad_fn(task, g, 2))
+    _assert_close_trees(ref, got)
+
+
+@pytest.mark.parametrize("mesh", [{"mesh.data": 8}, {"mesh.data": 2, "mesh.fsdp": 4}])
+def test_zero_gradients_equal_the_unsharded_gradient(mesh):
+    import lion_optax
+    from train import steps
+
+    def zero(task, graphdef, abstract):
+        return steps.zero_grad_fn(steps.make_grad_fn(task, graphdef, 1),
+                                  lion_optax.zero_shardings(abstract, axis="data"))
+
+    ref, got = _reference_and_step_grads(tiny_lm(**mesh), zero)
+    _assert_close_trees(ref, got)
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):
-    one = train_losses_of(tmp_path / "accum1", {"mesh.data": 8})
-    two = train_losses_of(tmp_path / "accum2", {"mesh.data": 8, "grad_accum_steps": 2})
-    for step in one:
-        np.testing.assert_allclose(two[step], one[step], rtol=0, atol=1e-5)
+    one = {"mesh.data": 8}
+    two = {"mesh.data": 8, "grad_accum_steps": 2}
+    base, accum = train_losses_of(tmp_path / "accum1", one), train_losses_of(tmp_path / "accum2", two)
+    for step in base:
+        np.testing.assert_allclose(accum[step], base[step], rtol=0, atol=1e-5)
+    base, accum = grad_norms_of(tmp_path / "accum1", one), grad_norms_of(tmp_path / "accum2", two)
+    for step in base:
+        np.testing.assert_allclose(accum[step], base[step], rtol=1e-5)
 
 
 @pytest.mark.parametrize("mesh", [{"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1},
@@ -87,6 +190,10 @@ def test_zero_sharded_optimizer_state_matches_and_reduce_scatters(tmp_path, mesh
     zero = train_losses_of(tmp_path / "zero", {**mesh, "optimizer.shard_state_over_data": True})
     for step in base:
         np.testing.assert_allclose(zero[step], base[step], rtol=0, atol=1e-5)
+    base = grad_norms_of(tmp_path / "base", mesh)
+    zero = grad_norms_of(tmp_path / "zero", {**mesh, "optimizer.shard_state_over_data": True})
+    for step in base:
+        np.testing.assert_allclose(zero[step], base[step], rtol=1e-5)
     collectives = {}
     for flag in (False, True):
         config = tiny_lm(**{**mesh, "optimizer.shard_state_over_data": flag})
@@ -148,6 +255,8 @@ def test_two_processes_train_save_and_resume(tmp_path):
     run_two_processes(multi, num_steps=2, checkpoint_every=2)
     assert sorted(os.listdir(multi / "checkpoints")) == ["2"]
     run_two_processes(multi, num_steps=4, checkpoint_every=2)
+    assert starts(multi) == [0, 2]
+    assert_resumed_at(multi, 2)
     losses = train_losses(str(multi))
     assert sorted(losses) == [1, 2, 3, 4]
     # One process with the same 8 devices sees the same global batches and math.

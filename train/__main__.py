@@ -2,7 +2,9 @@
 
 Trains (or resumes) per the config. Exit codes: 0 done (or preempted and checkpointed);
 2 bad flags, config or input, one `error:` line, before anything is compiled or the workdir
-is touched; 3 halted on a non-finite step with `on_nonfinite=halt`.
+is touched (or a checkpoint that does not fit the config, left untouched); 3 halted on a
+non-finite step with `on_nonfinite=halt`; 4 a checkpoint could not be written (disk full:
+the partial save is removed, older checkpoints are intact).
 """
 
 from __future__ import annotations
@@ -20,9 +22,31 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
 
 
+def _quiet_orbax_failures() -> None:
+    """A failed checkpoint write makes orbax's background threads log the same error many
+    times over, and asyncio callbacks fail as its event loop closes; the trainer reports
+    every checkpoint failure itself as one line (`error:` or `warning: skipped`), so those
+    repeats are kept off the console."""
+    import sys
+    import threading
+
+    def drop_orbax_errors(record):
+        return record.levelno < logging.ERROR or "orbax" not in record.pathname
+
+    logging.get_absl_handler().addFilter(drop_orbax_errors)
+
+    def loop_closed(exc) -> bool:
+        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+    unraisable, thread_hook = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = lambda u: None if loop_closed(u.exc_value) else unraisable(u)
+    threading.excepthook = lambda a: None if loop_closed(a.exc_value) else thread_hook(a)
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # keep orbax/grain INFO chatter off the console
+    _quiet_orbax_failures()
     from train import distributed, trainer
 
     try:
@@ -31,7 +55,7 @@ def main(argv: list[str]) -> None:
     except UserError as e:
         cli.fail(str(e))
     except TrainingHalted as e:
-        cli.fail(str(e), code=TrainingHalted.exit_code)
+        cli.fail(str(e), code=e.exit_code)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def _shard_bytes(abstract_tree) -> int:
 def _lowered_train_step(config, mesh):
     """(task, abstract TrainState, lowered jitted train step) of `config` on `mesh`."""
     task = tasks.make_task(config)
-    tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps)
+    tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps,
+                                           optim.decay_mask(task, config.optimizer))
     rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
     vote_axis, zero_axis = optim.layout(config, mesh, rules)  # Distributed Lion / ZeRO, or None
     graphdef, abstract_params = steps.abstract_model(task, mesh, rules)

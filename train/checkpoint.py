@@ -11,14 +11,20 @@ resumes on another.
 
 `restore_latest` walks back from the newest step: a checkpoint that cannot be read
 (truncated or missing files) is moved aside to `<step>.corrupt` with one warning line and
-the next older one is tried. A checkpoint that reads fine but holds a different model
-(shapes) or optimizer is a user error, not damage: it stops the run, naming the parameter.
+the next older one is tried; nothing else moves a checkpoint. Hyperparameters that keep the
+state's layout (lr, weight decay, betas, clipping on or off, schedule, num_steps) resume. A
+checkpoint that reads fine but does not fit the run (other parameter shapes, optimizer or
+momentum dtype; a streaming data position saved by another process count or pack mode) is
+a user error, not damage: it stops the run with one line naming what differs from the
+saved config, and the checkpoint stays where it is.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import time
 from typing import Any
 
 import grain
@@ -29,7 +35,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from train.data import StepIterator
-from train.errors import UserError
+from train.errors import CheckpointWriteError, UserError
 
 
 class Checkpointer:
@@ -44,6 +50,8 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta"))
+        self._pending: int | None = None  # step of the save that may still be in flight
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -63,22 +71,84 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(meta),
         )
-        return self.manager.save(step, args=args, force=True)
+        try:
+            self.wait_for_pending()  # a failed async save surfaces here, named by its step
+            self._pending = step
+            return self.manager.save(step, args=args, force=True)
+        except CheckpointWriteError:
+            raise
+        except Exception as e:  # noqa: BLE001 - disk full, quota, permissions, object store
+            self._write_failed(step, e)
 
-    def restore_latest(self, abstract_state, data_iter) -> Any | None:
-        """Restores the newest readable checkpoint (see module doc); None if there is none."""
+    def wait_for_pending(self) -> None:
+        """Waits for the in-flight save; CheckpointWriteError if it failed."""
+        if self._pending is None:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._write_failed(self._pending, e)
+        self._pending = None
+
+    def _write_failed(self, step: int, error: BaseException) -> None:
+        """Removes the partial save, then raises one CheckpointWriteError naming the cause."""
+        self._failed, self._pending = True, None
+        try:  # joins orbax's background threads, so nothing writes into the partial save
+            self.manager.close()
+        except Exception:  # noqa: BLE001 - the error being reported
+            pass
+        if jax.process_index() == 0:  # stragglers may still be finishing: retry
+            for _ in range(100):
+                try:
+                    for tmp in epath.Path(self.directory).glob("*.orbax-checkpoint-tmp*"):
+                        tmp.rmtree()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        steps = [int(p.name) for p in epath.Path(self.directory).iterdir() if p.name.isdigit()]
+        cause = error
+        while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:
+            cause = cause.__cause__ or cause.__context__
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        code = re.search(r"os_error_code='?(\d+)", str(cause))  # tensorstore's spelling of errno
+        if isinstance(cause, OSError) and cause.errno:
+            reason = f"{os.strerror(cause.errno)} (errno {cause.errno})"
+        elif code:
+            reason = f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
+        newest = max(steps, default=None)
+        kept = f"the newest checkpoint, step {newest}, is intact" if newest is not None else "no checkpoint was kept"
+        raise CheckpointWriteError(f"could not write checkpoint step {step} to {self.directory}: {reason}; "
+                                   f"stopped, {kept} (rerun the same command to resume)") from None
+
+    def restore_latest(self, abstract_state, data_iter, config: dict | None = None) -> Any | None:
+        """Restores the newest readable checkpoint (see module doc); None if there is none.
+
+        `config` (the run's config as a dict) names what differs when the checkpoint does
+        not fit this run: that raises UserError and leaves the checkpoint where it is.
+        """
         self.manager.reload()
         for step in sorted(self.manager.all_steps(), reverse=True):
             path = epath.Path(self.directory) / str(step)
             try:
                 saved = ocp.StandardCheckpointHandler().metadata(path / "state")
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
             except Exception as e:  # unreadable metadata: damaged
+                if _not_damage(e):
+                    raise
                 self._quarantine(step, e)
                 continue
-            check_compatible(saved, abstract_state, step)
+            check_compatible(saved, abstract_state, step, (meta or {}).get("config"), config)
+            check_data_state(meta or {}, data_iter, step, config)
             try:
                 return self.restore(step, abstract_state, data_iter)
-            except Exception as e:  # noqa: BLE001 - any read failure means damage
+            except Exception as e:  # noqa: BLE001 - a read failure of checked metadata is damage
+                if "tree structure" in str(e).lower():  # readable, but another state layout
+                    what = _differs((meta or {}).get("config"), config, ("optimizer.", "model."),
+                                    "saved by another optimizer or model")
+                    raise UserError(f"checkpoint step {step}: its train state is laid out differently "
+                                    f"({what}); resume with the saved settings or use a new workdir") from None
+                if _not_damage(e):
+                    raise
                 self._quarantine(step, e)
         return None
 
@@ -112,31 +182,98 @@ class Checkpointer:
         return restored.state
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait_for_pending()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the in-flight save (CheckpointWriteError if it failed) and closes."""
+        try:
+            if not self._failed:
+                self.wait_for_pending()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - only after a failed save, already reported
+                if not self._failed:
+                    raise
 
 
 
-def check_compatible(saved_metadata, abstract_state, step: int) -> None:
-    """Raises UserError if checkpoint `step` holds other parameter shapes or optimizer state."""
+def _not_damage(error: Exception) -> bool:
+    """Errors that say nothing about the files: out of memory, interrupts, our own checks."""
+    text = str(error)
+    return isinstance(error, (UserError, MemoryError)) or "RESOURCE_EXHAUSTED" in text
+
+
+def config_diff(saved: dict | None, current: dict | None, prefixes: tuple[str, ...]) -> list[str]:
+    """`key: saved -> current` for the flattened config keys under `prefixes` that differ."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    a, b = flat(saved), flat(current)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k.startswith(prefixes) and a.get(k) != b.get(k)]
+
+
+# Config keys that change the optimizer state's layout: named first when it does not fit.
+LAYOUT_KEYS = ("optimizer.name", "optimizer.lion.mu_dtype", "optimizer.lion.block_size",
+               "optimizer.lion.distributed", "optimizer.adamw.mu_dtype", "optimizer.adafactor.")
+
+
+def _differs(saved_config, config, prefixes, fallback: str) -> str:
+    """'saved with key: old -> new; ...' for the keys that changed (layout keys first)."""
+    if saved_config is None or not config:
+        return fallback
+    diff = (config_diff(saved_config, config, tuple(k for k in LAYOUT_KEYS if k.startswith(prefixes)))
+            or config_diff(saved_config, config, prefixes))
+    return f"saved with {'; '.join(diff[:4])}" if diff else fallback
+
+
+def check_compatible(saved_metadata, abstract_state, step: int, saved_config: dict | None = None,
+                     config: dict | None = None) -> None:
+    """Raises UserError if checkpoint `step` holds other parameter shapes or optimizer state,
+    naming the parameter and the config keys that differ from the saved run's."""
     tree = getattr(saved_metadata, "item_metadata", saved_metadata)
     saved = {jax.tree_util.keystr(p): leaf for p, leaf in
              jax.tree_util.tree_flatten_with_path(tree.get("params", {}))[0]}
     wanted = {jax.tree_util.keystr(p): leaf for p, leaf in
               jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
+    model = _differs(saved_config, config, ("model.",), "saved by a different model")
     for name in sorted(set(saved) | set(wanted)):
         if name not in saved:
-            raise UserError(f"checkpoint step {step} has no parameter {name}: it was saved by a different model")
+            raise UserError(f"checkpoint step {step} has no parameter {name} ({model})")
         if name not in wanted:
-            raise UserError(f"checkpoint step {step} has parameter {name} that this model lacks")
+            raise UserError(f"checkpoint step {step} has parameter {name} that this model lacks ({model})")
         if tuple(saved[name].shape) != tuple(wanted[name].shape):
             raise UserError(f"checkpoint step {step}: parameter {name} has shape {tuple(saved[name].shape)}, "
-                            f"the configured model expects {tuple(wanted[name].shape)}")
+                            f"the configured model expects {tuple(wanted[name].shape)} ({model})")
+
     def signature(leaves):
-        return sorted((tuple(x.shape), np.dtype(x.dtype).name) for x in leaves)
-    if signature(jax.tree.leaves(tree.get("opt_state", {}))) != signature(jax.tree.leaves(abstract_state.opt_state)):
-        raise UserError(f"checkpoint step {step}: optimizer state does not match the configured optimizer "
-                        "(saved with another optimizer.name or momentum dtype?)")
+        return [(tuple(x.shape), np.dtype(x.dtype).name) for x in leaves]
+    saved_opt = jax.tree.leaves(tree.get("opt_state", {}))
+    if sorted(signature(saved_opt)) != sorted(signature(jax.tree.leaves(abstract_state.opt_state))):
+        what = _differs(saved_config, config, ("optimizer.",), "saved with another optimizer.name, "
+                        "momentum dtype or layout")
+        raise UserError(f"checkpoint step {step}: its optimizer state does not fit the configured "
+                        f"optimizer ({what}); resume with the saved settings or use a new workdir")
+
+
+def check_data_state(meta: dict, data_iter, step: int, config: dict | None = None) -> None:
+    """Raises UserError if checkpoint `step`'s data-iterator state cannot position
+    `data_iter`: a streaming iterator's state is per process, so it needs the same kind of
+    iterator and the same process count (map-style input is positioned by the step)."""
+    kind = "step" if isinstance(data_iter, StepIterator) else "stream"
+    saved_kind = meta.get("data_iterator")
+    if saved_kind is not None and saved_kind != kind:
+        what = _differs(meta.get("config"), config, ("data.",), f"a {saved_kind} data iterator")
+        raise UserError(f"checkpoint step {step} holds the state of a {saved_kind} data iterator, this "
+                        f"run reads {kind} data ({what}); resume with the saved data settings")
+    saved_procs = meta.get("process_count")
+    if kind == "stream" and saved_procs is not None and saved_procs != jax.process_count():
+        raise UserError(f"checkpoint step {step} holds the streaming data position of {saved_procs} "
+                        f"process(es), this run has {jax.process_count()}: resume with {saved_procs}, "
+                        "or use data.pack_mode=cache (positioned by the step on any process count)")

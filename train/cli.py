@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import sys
 
 from absl import flags
@@ -17,6 +19,42 @@ def _one_line(e: Exception) -> str:
     return text.splitlines()[-1] if text else type(e).__name__
 
 
+def _load_config(argv: list[str]):
+    """The config `--config=FILE[:ARG]` names, loaded as config_flags does; None on failure."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    try:
+        module_spec = importlib.util.spec_from_file_location("_config_for_error", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception:  # noqa: BLE001 - the original error is reported instead
+        return None
+
+
+def unknown_key_message(argv: list[str]) -> str | None:
+    """'unknown config key config.a.b (...); did you mean config.a.c?' for the first
+    `--config.a.b=...` override whose key the config does not have; else None."""
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    config = _load_config(argv) if overrides else None
+    if config is None:
+        return None
+    for path in overrides:
+        node, walked = config, []
+        for part in path.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                where = ".".join(["config", *walked])
+                close = difflib.get_close_matches(part, keys, n=1, cutoff=0.6)
+                hint = (f"did you mean {where}.{close[0]}?" if close
+                        else f"valid keys of {where}: {', '.join(sorted(keys))}")
+                return f"unknown config key {where}.{part} (in --config.{path}); {hint}"
+            node, walked = node[part], walked + [part]
+    return None
+
+
 def flags_parser(*required: str):
     """A `flags_parser` for `absl.app.run` that exits 2 on any parse error (unknown flag,
     unknown or mistyped `--config.key`, a config file raising) or missing `required` flag."""
@@ -25,7 +63,7 @@ def flags_parser(*required: str):
         try:
             rest = flags.FLAGS(argv)
         except Exception as e:  # flags.Error, or whatever a config file's get_config raised
-            fail(_one_line(e))
+            fail(unknown_key_message(argv) or _one_line(e))
         for name in required:
             if flags.FLAGS[name].value in (None, ""):
                 fail(f"--{name} is required")

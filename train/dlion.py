@@ -75,7 +75,7 @@ def make_train_step(grad_fn, tx, lr_schedule, axis: str, nan_at_step: int | None
     """Pure `(state, batch) -> (state, metrics)` like `steps.make_train_step`, with the
     loss, gradients and update of each worker inside `jax.shard_map` over `axis` (the mesh
     comes from the `sharding_context` the step is traced in); see the module doc."""
-    from train.steps import poison_at  # steps imports this module
+    from train.steps import count_skipped_step, poison_at  # steps imports this module
 
     def worker(state, batch):
         opt_state = jax.tree.map(lambda x: x[0], state.opt_state)
@@ -87,6 +87,7 @@ def make_train_step(grad_fn, tx, lr_schedule, axis: str, nan_at_step: int | None
         bad = jax.lax.psum((~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))).astype(jnp.int32), axis) > 0
         grads = jax.tree.map(lambda g: jnp.where(bad, jnp.asarray(jnp.nan, g.dtype), g), grads)
         updates, opt_state = tx.update(grads, opt_state, state.params)
+        opt_state = count_skipped_step(opt_state)
         params = optax.apply_updates(state.params, updates)
         (loss, grad_norm), aux = jax.lax.pmean(((loss, grad_norm), aux), axis)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step),

@@ -13,3 +13,10 @@ class TrainingHalted(Exception):
     """Training stopped on purpose (e.g. non-finite loss with on_nonfinite=halt); exit 3."""
 
     exit_code = 3
+
+
+class CheckpointWriteError(TrainingHalted):
+    """A checkpoint could not be written (disk full, quota, permissions); exit 4. The
+    partial save is removed and older checkpoints are intact."""
+
+    exit_code = 4

@@ -87,6 +87,12 @@ class MetricsLogger:
         if shown:
             self._bar.set_postfix(shown, refresh=False)
 
+    def event(self, step: int, name: str) -> None:
+        """A `{"step": step, "event": name}` row in metrics.jsonl (not a metric), e.g. where
+        each invocation of the trainer started ("start" at step 0 or the resumed step)."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"step": step, "event": name}) + "\n")
+
     def advance(self, step: int) -> None:
         if self.enabled and step > self._bar.n:
             self._bar.update(step - self._bar.n)

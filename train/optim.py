@@ -16,8 +16,9 @@
 
 Each optimizer keeps its own paper-style hyperparameters, so `--config.optimizer.name=adamw`
 switches to the AdamW baseline without touching anything else. Weight decay is decoupled and
-multiplied by the learning rate (optax convention) and applies to matrices only
-(`lion_optax.decay_mask`). `optimizer.lion.distributed` switches to Distributed Lion
+multiplied by the learning rate (optax convention) and applies to matrices only: `decay_mask`
+decides from each parameter's logical axes, so stacked (scanned) layers' norm scales and
+biases are not decayed. `optimizer.lion.distributed` switches to Distributed Lion
 (`lion_optax.distributed_lion`, per-worker momentum and 1-bit sign votes over
 `optimizer.lion.vote_axis`), which the train step runs inside `jax.shard_map` (train/dlion.py);
 clipping then applies to each worker's local gradients. `optimizer.lion.fused_apply` makes
@@ -27,7 +28,6 @@ int8 momentum on TPU) through `fused_apply`, on the same optimizer state as the 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 
 import jax
@@ -42,6 +42,20 @@ OPTIMIZERS = ("lion", "adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
 LION_MOMENTUM = ("bfloat16", "float32", "int8", None)  # optimizer.lion.mu_dtype
 DISTRIBUTED = ("", "majority", "mean")  # optimizer.lion.distributed: off, or the vote
+# Logical axes that are not feature axes when deciding weight decay: the axis scanned
+# layers are stacked on, and head_dim (heads x head_dim is one feature axis split in two,
+# so a (heads, head_dim) attention bias is a vector).
+NON_FEATURE_AXES = ("layers", "head_dim")
+
+
+def decay_mask(task, opt_cfg: Mapping) -> dict:
+    """Tree of bools over `task`'s parameters (pure dict), True where weight decay
+    applies: parameters with at least two feature axes (`lion_optax.decay_mask` with the
+    model's logical axes), not embeddings when `optimizer.decay_embeddings=False`. The
+    same for scanned and unrolled layers."""
+    shapes, axes = task.abstract_params()
+    return lion_optax.decay_mask(shapes, logical_axes=axes, ignore_axes=NON_FEATURE_AXES,
+                                 decay_embeddings=bool(opt_cfg.get("decay_embeddings", True)))
 
 
 def make_schedule(peak: float, num_steps: int, opt_cfg: Mapping) -> optax.Schedule:
@@ -94,14 +108,21 @@ def layout(config, mesh, rules) -> tuple[str | None, str | None]:
     return vote, zero
 
 
+def clip_norm(opt_cfg: Mapping) -> float:
+    """`optimizer.grad_clip_norm` as a float (0 = no clipping); ConfigError if negative."""
+    clip = opt_cfg.get("grad_clip_norm") or 0.0
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
+        raise ConfigError(f"optimizer.grad_clip_norm must be a number >= 0 (0 = no clipping), got {clip!r}")
+    return float(clip)
+
+
 def _common(opt_cfg: Mapping, name: str, num_steps: int):
-    """(lr schedule, weight decay, decay mask, remaining hyperparameters) of optimizer
-    `name`; for Lion the rest is spelled as `lion_optax.lion` keywords plus the trainer's
-    own keys (`distributed`, `vote_axis`, `fused_apply`, `kernel`)."""
+    """(lr schedule, weight decay, remaining hyperparameters) of optimizer `name`; for
+    Lion the rest is spelled as `lion_optax.lion` keywords plus the trainer's own keys
+    (`distributed`, `vote_axis`, `fused_apply`, `kernel`)."""
     hp = dict(opt_cfg[name])
     lr = make_schedule(float(hp.pop("learning_rate")), num_steps, opt_cfg)
     wd = float(hp.pop("weight_decay", 0.0))
-    mask = functools.partial(lion_optax.decay_mask, decay_embeddings=bool(opt_cfg.get("decay_embeddings", True)))
     if name == "lion":
         mu_dtype = hp.pop("mu_dtype", "bfloat16")
         if mu_dtype not in LION_MOMENTUM:
@@ -109,16 +130,19 @@ def _common(opt_cfg: Mapping, name: str, num_steps: int):
         hp["mu_dtype"] = None if mu_dtype is None else jnp.dtype(mu_dtype)
         if hp.get("block_size") == 0:  # config spelling of "one int8 block per row"
             hp["block_size"] = None
-    return lr, wd, mask, hp
+    return lr, wd, hp
 
 
-def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(opt_cfg: Mapping, num_steps: int,
+                   mask) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax transform, learning-rate schedule) for `opt_cfg.name`, with global-norm
-    clipping and non-finite updates dropped."""
+    clipping and non-finite updates dropped; `mask` (from `decay_mask`) selects the
+    parameters that are weight-decayed."""
     name = opt_cfg.get("name")
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name must be one of {OPTIMIZERS}, got {name!r}")
-    lr, wd, mask, hp = _common(opt_cfg, name, num_steps)
+    clip = clip_norm(opt_cfg)
+    lr, wd, hp = _common(opt_cfg, name, num_steps)
     if name == "lion":
         vote, axis = hp.pop("distributed", ""), hp.pop("vote_axis", "data")
         hp.pop("fused_apply", None), hp.pop("kernel", None)  # see `fused_apply`
@@ -144,15 +168,15 @@ def make_optimizer(opt_cfg: Mapping, num_steps: int) -> tuple[optax.GradientTran
         # pass lr(t) * wd so weight_decay means the same for every optimizer here.
         decay = (lambda count: lr(count) * wd) if wd else None
         tx = optax.adafactor(lr, weight_decay_rate=decay, weight_decay_mask=mask, **hp)
-    clip = opt_cfg.get("grad_clip_norm")
-    if clip:
-        tx = optax.chain(optax.clip_by_global_norm(float(clip)), tx)
+    # Always a two-element chain (identity when clipping is off; both have an empty
+    # state), so turning clipping on or off keeps the checkpointed state's structure.
+    tx = optax.chain(optax.clip_by_global_norm(clip) if clip else optax.identity(), tx)
     # A step whose gradients hold NaN/Inf leaves params and optimizer state untouched
     # (optax counts it in `total_notfinite`); the trainer then skips or halts.
     return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 2), lr
 
 
-def fused_apply(opt_cfg: Mapping, num_steps: int):
+def fused_apply(opt_cfg: Mapping, num_steps: int, mask):
     """`(grads, opt_state, params, opt_state_shardings) -> (params, opt_state)` doing what
     `make_optimizer`'s transform plus `optax.apply_updates` do (clipping, dropping
     non-finite steps), with the Lion update applied in one pass by `lion_optax.fused_lion`
@@ -163,7 +187,7 @@ def fused_apply(opt_cfg: Mapping, num_steps: int):
         return None
     if vote_axis(opt_cfg) is not None:
         raise ConfigError("optimizer.lion.fused_apply cannot be combined with optimizer.lion.distributed")
-    lr, wd, mask, hp = _common(opt_cfg, "lion", num_steps)
+    lr, wd, hp = _common(opt_cfg, "lion", num_steps)
     kernel = hp.pop("kernel", "auto")
     for key in ("distributed", "vote_axis", "fused_apply"):
         hp.pop(key, None)
@@ -171,27 +195,25 @@ def fused_apply(opt_cfg: Mapping, num_steps: int):
         opt = lion_optax.fused_lion(lr, weight_decay=wd, mask=mask, kernel=kernel, **hp)
     except ValueError as e:
         raise ConfigError(f"optimizer.lion: {e}") from None
-    clip = opt_cfg.get("grad_clip_norm")
+    clip = clip_norm(opt_cfg)
 
     def apply(grads, opt_state, params, opt_state_shardings=None):
-        # opt_state is optax.apply_if_finite(chain(clip_by_global_norm, lion)).init(params)
+        # opt_state is make_optimizer's: apply_if_finite(chain(clip or identity, lion))
         inner = opt_state.inner_state
         mu_shardings = None
         if opt_state_shardings is not None:
-            sharded = opt_state_shardings.inner_state
-            mu_shardings = (sharded[1] if clip else sharded).mu
+            mu_shardings = opt_state_shardings.inner_state[1].mu
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         scale = None
         if clip:  # optax.clip_by_global_norm's factor
             norm = optax.global_norm(grads)
-            scale = jnp.where(norm < float(clip), 1.0, float(clip) / norm)
-        params, lion_state = opt.apply(grads, inner[1] if clip else inner, params, scale, finite,
-                                       mu_shardings)
+            scale = jnp.where(norm < clip, 1.0, clip / norm)
+        params, lion_state = opt.apply(grads, inner[1], params, scale, finite, mu_shardings)
         bad = optax.safe_increment
         return params, opt_state._replace(
             notfinite_count=jnp.where(finite, 0, bad(opt_state.notfinite_count)),
             last_finite=finite,
             total_notfinite=jnp.where(finite, opt_state.total_notfinite, bad(opt_state.total_notfinite)),
-            inner_state=(inner[0], lion_state) if clip else lion_state)
+            inner_state=(inner[0], lion_state))
 
     return apply

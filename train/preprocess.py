@@ -7,6 +7,7 @@ No TensorFlow and no PIL: resizing is antialiased bilinear done with two small m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -14,6 +15,8 @@ import re
 import tempfile
 
 import numpy as np
+
+from train.errors import ConfigError, UserError
 
 BYTE_VOCAB_SIZE = 257  # ids 0..255 are bytes, 256 is end-of-document.
 BYTE_EOS_ID = 256
@@ -43,11 +46,22 @@ class SentencePieceTokenizer:
     """
 
     def __init__(self, model_path: str):
+        import sentencepiece as spm
+
         self.model_path = os.path.expanduser(str(model_path))
-        self.cache_tag = "sp-" + hashlib.sha1(self._read()).hexdigest()[:12]
-        self._sp = None
+        try:
+            proto = self._read()
+        except Exception as e:  # noqa: BLE001 - missing file, permissions, object store
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(f"data.tokenizer {model_path} cannot be read: {reason}") from None
+        self.cache_tag = "sp-" + hashlib.sha1(proto).hexdigest()[:12]
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        except Exception:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError
+            raise UserError(f"data.tokenizer {model_path} is not a SentencePiece .model file "
+                            f"({len(proto)} bytes that do not parse)") from None
         if self.eos_id < 0:
-            raise ValueError(f"SentencePiece model {model_path} has no eos piece (eos_id=-1)")
+            raise UserError(f"SentencePiece model {model_path} has no eos piece (eos_id=-1)")
 
     def _read(self) -> bytes:
         from etils import epath
@@ -82,13 +96,16 @@ class SentencePieceTokenizer:
         return {**self.__dict__, "_sp": None}
 
 
+@functools.lru_cache(maxsize=16)
 def make_tokenizer(spec: str):
-    """``'bytes'`` or a path to a SentencePiece model file."""
+    """``'bytes'`` or a path to a SentencePiece model file; read and parsed once per
+    process (cached by `spec`). UserError (one line) for a missing, unreadable or
+    malformed file, ConfigError for an empty `spec`."""
     if spec in ("bytes", "byte"):
         return ByteTokenizer()
-    if not spec:
-        raise ValueError("data.tokenizer must be 'bytes' or a SentencePiece .model path, "
-                         f"got {spec!r}")
+    if not spec or not isinstance(spec, str):
+        raise ConfigError("data.tokenizer is not set: give 'bytes' or the path of a SentencePiece "
+                          f".model file (--config.data.tokenizer=PATH), got {spec!r}")
     return SentencePieceTokenizer(spec)
 
 

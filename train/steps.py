@@ -180,6 +180,22 @@ def poison_at(grads, step, nan_at_step: int | None):
     return jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
 
 
+def count_skipped_step(opt_state):
+    """`opt_state` with every `count` in its inner state advanced when the optimizer just
+    dropped a non-finite step (`optax.apply_if_finite` leaves them as they were), so the
+    schedules inside the optimizer, which read its count, stay at the global step: the
+    learning rate applied at step s is the `lr` logged for step s, skipped steps or not."""
+    if not isinstance(opt_state, optax.ApplyIfFiniteState):
+        return opt_state
+    skipped = 1 - jnp.asarray(opt_state.last_finite, jnp.int32)
+
+    def advance(path, x):
+        name = getattr(path[-1], "name", getattr(path[-1], "key", None)) if path else None
+        return x + skipped.astype(x.dtype) if name == "count" else x
+
+    return opt_state._replace(inner_state=jax.tree_util.tree_map_with_path(advance, opt_state.inner_state))
+
+
 def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int,
                     nan_at_step: int | None = None, vote_axis: str | None = None,
                     grad_shardings=None, apply_fn=None):
@@ -213,6 +229,7 @@ def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int,
             params = optax.apply_updates(state.params, updates)
         else:
             params, opt_state = apply_fn(grads, state.opt_state, state.params)
+        opt_state = count_skipped_step(opt_state)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step),
                    "nonfinite": 1.0 - finite.astype(jnp.float32), **aux}
@@ -227,7 +244,8 @@ def jit_train_step(config, task, graphdef, tx, lr_schedule, shardings: TrainStat
     """`make_train_step` for `config`, jitted over `shardings` with the state donated: ZeRO
     gradient layout from `zero_axis`, the fused Lion apply when the config asks for it."""
     grad_shardings = lion_optax.zero_shardings(abstract_params, axis=zero_axis) if zero_axis else None
-    apply_fn = optim.fused_apply(config.optimizer, config.num_steps)
+    apply_fn = optim.fused_apply(config.optimizer, config.num_steps,
+                                 optim.decay_mask(task, config.optimizer))
     if apply_fn is not None:
         apply_fn = functools.partial(apply_fn, opt_state_shardings=shardings.opt_state)
     step = make_train_step(task, graphdef, tx, lr_schedule, config.grad_accum_steps,

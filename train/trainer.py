@@ -118,9 +118,10 @@ def _params_finite(params) -> bool:
     return bool(_all_finite(params))
 
 
-def evaluate(eval_step, params, config, mesh) -> dict[str, float]:
+def evaluate(eval_step, params, eval_batches, mesh) -> dict[str, float]:
+    """Mean eval metrics over one pass of `eval_batches` (built once per run, re-iterated)."""
     totals: dict[str, float] = {}
-    for local in data_lib.make_eval_batches(config.data, config.batch_size):
+    for local in eval_batches:
         sums = eval_step(params, data_lib.to_global_batch(local, mesh))
         for k, v in jax.device_get(sums).items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -135,28 +136,34 @@ def run(config, workdir: str) -> dict[str, float]:
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch(config.batch_size, config.grad_accum_steps, mesh, jax.process_count())
     task = tasks.make_task(config)
-    tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps)
-    optim.fused_apply(config.optimizer, config.num_steps)  # validates optimizer.lion.fused_apply
+    mask = optim.decay_mask(task, config.optimizer)
+    tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps, mask)
+    optim.fused_apply(config.optimizer, config.num_steps, mask)  # validates optimizer.lion.fused_apply
     rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
     vote_axis, zero_axis = optim.layout(config, mesh, rules)  # Distributed Lion / ZeRO, or None
     train_iter = data_lib.make_train_iterator(config.data, config.batch_size, config.seed)
+    # Built once per run (tokenizer, source, pipeline): each eval re-iterates it, and a
+    # missing eval split is found here, not after the first stretch of training.
+    eval_batches = data_lib.make_eval_batches(config.data, config.batch_size) if config.eval_every else None
     _check_workdir(workdir)
     lock = _lock_workdir(workdir)
     try:
-        return _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter, vote_axis, zero_axis)
+        return _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter, eval_batches,
+                      vote_axis, zero_axis)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter,
+def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter, eval_batches,
            vote_axis=None, zero_axis=None) -> dict[str, float]:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                         config.keep_checkpoints)
     graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
     shardings = steps.state_shardings(abstract_params, tx, mesh, vote_axis, zero_axis)
     target = steps.abstract_state(abstract_params, shardings, tx, vote_axis)
-    state = ckpt.restore_latest(target, train_iter)
+    config_dict = json.loads(config.to_json_best_effort())
+    state = ckpt.restore_latest(target, train_iter, config_dict)
     if state is None:
         state = steps.init_state(task, tx, shardings, mesh, rules, config.seed, vote_axis)
     start = int(jax.device_get(state.step))
@@ -169,10 +176,11 @@ def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter,
     units = task.units(config.batch_size)
     flops_per_step = task.flops_per_example() * config.batch_size
     peak = metrics_lib.peak_flops_total()
-    meta = {"config": json.loads(config.to_json_best_effort()), "mesh": dict(mesh.shape),
-            "process_count": jax.process_count()}
+    meta = {"config": config_dict, "mesh": dict(mesh.shape), "process_count": jax.process_count(),
+            "data_iterator": "step" if isinstance(train_iter, data_lib.StepIterator) else "stream"}
     halt_on_nonfinite = config.get("on_nonfinite", "skip") == "halt"
     logger = metrics_lib.MetricsLogger(workdir, config.num_steps, start)
+    logger.event(start, "start")
     if start:
         logger.message(f"resumed from step {start}")
 
@@ -222,7 +230,7 @@ def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter,
                     logger.write(done, last)
                     window, t_window, steps_in_window = [], time.perf_counter(), 0
                 if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
-                    eval_metrics = evaluate(eval_step, state.params, config, mesh)
+                    eval_metrics = evaluate(eval_step, state.params, eval_batches, mesh)
                     logger.write(done, eval_metrics)
                     last.update(eval_metrics)
                     t_window, steps_in_window = time.perf_counter(), 0
@@ -236,8 +244,10 @@ def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter,
                     logger.message(f"preempted: saved step {done}, exiting")
                     break
     finally:
-        ckpt.close()  # waits for in-flight saves to commit
-        logger.close()
+        try:
+            ckpt.close()  # waits for in-flight saves to commit
+        finally:
+            logger.close()
     if config.get("sample_steps", 0) and start < config.num_steps and not preempted:
         text = sample_text(task, graphdef, state.params, config, mesh, rules)
         if jax.process_index() == 0:

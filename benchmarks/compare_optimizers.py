@@ -7,15 +7,15 @@ Tasks: `configs/vit.py:demo` (ViT on sklearn digits) shortened to `VIT_STEPS`, a
 Every run uses the trainer itself (`train.trainer.run`), so schedule, clipping, masking and
 data order are exactly those of `python -m train`.
 
-Protocol, per task and optimizer:
-  1. Sweep 3 learning rates with seed 0. AdamW and Adafactor try {c/3, c, 3c} around the
-     demo config's lr c at the demo's weight decay. Lion's grid is AdamW's grid mapped by the
-     paper's rule (`lion_optax.adamw_to_lion_hparams`, factor 3: lr / 3, wd * 3), so against
-     AdamW's centre lr it tries lr factors 9, 3 and 1, and keeps lr * wd equal to AdamW's.
-     On the LM, Lion uses b1/b2 = 0.95/0.98 as in the paper.
-     If the best lr is at an edge of the grid, the sweep extends it by one more 3x step in
-     that direction (at most `MAX_EXTEND` times), so no optimizer is left at a grid edge.
-  2. Keep the lr with the lowest final eval loss; rerun it with seeds 1 and 2.
+Protocol, per task and optimizer (`search`), every optimizer tuned the same way:
+  1. Start from the demo config's AdamW / Adafactor (lr, wd); Lion starts from AdamW's
+     mapped by the paper's rule (`lion_optax.adamw_to_lion_hparams`, factor 3: lr / 3,
+     wd * 3). On the LM, Lion uses b1/b2 = 0.95/0.98 as in the paper.
+  2. With seed 0, sweep lr over {x/3, x, 3x}, then weight decay likewise at the best lr,
+     then lr again at the best wd; a best value at an edge of its grid is extended by one
+     more 3x step (at most `MAX_EXTEND` times), so nothing is left at a grid edge. Lion on
+     the LM then tries b1/b2 = 0.9/0.95 and 0.9/0.99 as well.
+  3. Keep the setting with the lowest final eval loss; rerun it with seeds 1 and 2.
 
 Outputs in --out: `compare_optimizers.png` (eval loss and accuracy vs step: seed mean, with
 a min-max band) and `compare_optimizers.md` (best lr/wd, final eval metrics as mean ± std
@@ -47,7 +47,10 @@ METRICS = ("eval_loss", "eval_accuracy")
 SEEDS = (0, 1, 2)
 LION_FACTOR = 3.0  # the paper's lr / wd mapping factor (3-10 recommended)
 VIT_STEPS, LM_STEPS = 800, 300
-MAX_EXTEND = 2  # extra 3x lr steps when the best lr sits at an edge of the grid
+MAX_EXTEND = 2  # extra 3x steps when the best value sits at an edge of its grid
+# Lion (b1, b2) tried on the LM after lr and wd: the paper's LM setting is the config's
+# 0.95 / 0.98; 0.9 / 0.95 is Wen et al. 2025's (arXiv 2509.02046), 0.9 / 0.99 the default.
+LION_BETAS = ((0.9, 0.95), (0.9, 0.99))
 
 
 @dataclasses.dataclass
@@ -79,22 +82,29 @@ def make_tasks(quick: bool) -> list[Task]:
     return tasks
 
 
-def lr_grid(config, optimizer: str) -> list[tuple[float, float]]:
-    """(lr, wd) candidates: 3x apart around the demo's AdamW / Adafactor setting, and for
-    Lion the AdamW grid under the paper's mapping."""
+HParams = tuple  # (lr, wd, b1, b2); b1 / b2 None = the config's
+
+
+def base_hparams(config, optimizer: str) -> HParams:
+    """The starting point: the demo's AdamW / Adafactor setting, and for Lion AdamW's
+    mapped by the paper's rule (`lion_optax.adamw_to_lion_hparams`, factor 3: lr / 3,
+    wd * 3, so lr * wd equals AdamW's)."""
     base = config.optimizer["adamw" if optimizer == "lion" else optimizer]
-    grid = [(base.learning_rate * s, base.weight_decay) for s in (1 / 3, 1.0, 3.0)]
+    lr, wd = float(base.learning_rate), float(base.weight_decay)
     if optimizer == "lion":
-        grid = [tuple(map(float, lion_optax.adamw_to_lion_hparams(lr, wd, LION_FACTOR))) for lr, wd in grid]
-    return grid
+        lr, wd = map(float, lion_optax.adamw_to_lion_hparams(lr, wd, LION_FACTOR))
+    return (lr, wd, None, None)
 
 
-def train_once(config, optimizer: str, lr: float, wd: float, seed: int, root: str) -> dict:
+def train_once(config, optimizer: str, hp: HParams, seed: int, root: str) -> dict:
     """One training run; returns {metric: (steps, values)} read back from metrics.jsonl."""
+    lr, wd, b1, b2 = hp
     c = config.copy_and_resolve_references()
     c.seed = seed
     c.optimizer.name = optimizer
     c.optimizer[optimizer].learning_rate, c.optimizer[optimizer].weight_decay = lr, wd
+    if b1 is not None:
+        c.optimizer[optimizer].b1, c.optimizer[optimizer].b2 = b1, b2
     workdir = tempfile.mkdtemp(dir=root)
     t0 = time.perf_counter()
     trainer.run(c, workdir)
@@ -102,40 +112,74 @@ def train_once(config, optimizer: str, lr: float, wd: float, seed: int, root: st
         rows = [json.loads(line) for line in f]
     curves = {m: (np.array([r["step"] for r in rows if m in r]),
                   np.array([r[m] for r in rows if m in r])) for m in METRICS}
-    print(f"  {optimizer:9s} lr={lr:.3g} wd={wd:.3g} seed={seed}: eval_loss "
+    print(f"  {optimizer:9s} {describe(hp)} seed={seed}: eval_loss "
           f"{curves['eval_loss'][1][-1]:.4f}, eval_accuracy {curves['eval_accuracy'][1][-1]:.4f} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return curves
 
 
+def describe(hp: HParams) -> str:
+    lr, wd, b1, b2 = hp
+    betas = "" if b1 is None else f" b1/b2={b1}/{b2}"
+    return f"lr={lr:.2g} wd={wd:.2g}{betas}"
+
+
+def _final(curves) -> float:
+    return float(curves["eval_loss"][1][-1])
+
+
+def search(task: Task, opt: str, quick: bool, root: str) -> tuple[HParams, dict]:
+    """Coordinate search with seed 0: learning rate, then weight decay, then learning rate
+    again (factors of 3 around the best so far; a best value at an edge of its grid is
+    extended by up to `MAX_EXTEND` more 3x steps), then for Lion on the LM the (b1, b2)
+    pairs of `LION_BETAS`. Runs are cached, so a revisited point costs nothing."""
+    runs: dict[HParams, dict] = {}
+
+    def run(hp):
+        if hp not in runs:
+            runs[hp] = train_once(task.config, opt, hp, SEEDS[0], root)
+        return _final(runs[hp])
+
+    best = base_hparams(task.config, opt)
+    if quick:
+        run(best)
+        return best, runs
+    for index in (0, 1, 0):  # lr, wd, lr
+        def moved(factor, hp=best):
+            return tuple(v * factor if i == index else v for i, v in enumerate(hp))
+
+        line = {f: moved(f) for f in (1 / 3, 1.0, 3.0)}
+        for _ in range(MAX_EXTEND):
+            for hp in line.values():
+                run(hp)
+            lo, hi = min(line), max(line)
+            pick = min(line, key=lambda f: run(line[f]))
+            if pick not in (lo, hi):
+                break
+            edge = hi * 3.0 if pick == hi else lo / 3.0
+            line[edge] = moved(edge)
+        best = min(line.values(), key=run)
+    if opt == "lion" and task.name == "byte LM":
+        best = min([best] + [best[:2] + betas for betas in LION_BETAS], key=run)
+    return best, runs
+
+
 def benchmark(task: Task, quick: bool, root: str) -> dict:
-    """Per optimizer: the chosen (lr, wd), eval steps and a [seed, step] array per metric."""
+    """Per optimizer: the chosen hyperparameters, every sweep run's final eval loss, eval
+    steps and a [seed, step] array per metric."""
     results = {}
     for opt in task.optimizers:
-        grid = lr_grid(task.config, opt)
-        if quick:
-            grid = grid[1:2]
         try:
-            sweep = {hp: train_once(task.config, opt, *hp, SEEDS[0], root) for hp in grid}
-            for _ in range(0 if quick else MAX_EXTEND):
-                ordered = sorted(sweep)  # by lr
-                best = min(sweep, key=lambda hp: sweep[hp]["eval_loss"][1][-1])
-                if best not in (ordered[0], ordered[-1]):
-                    break
-                lr, wd = best
-                step = 3.0 if best == ordered[-1] else 1 / 3
-                sweep[(lr * step, wd)] = train_once(task.config, opt, lr * step, wd, SEEDS[0], root)
+            best, sweep = search(task, opt, quick, root)
         except Exception as e:  # reported in the table instead of losing the other optimizers
             print(f"  {opt}: failed: {type(e).__name__}: {e}", flush=True)
             results[opt] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
             continue
-        best = min(sweep, key=lambda hp: sweep[hp]["eval_loss"][1][-1])
-        runs = [sweep[best]] + [train_once(task.config, opt, *best, s, root)
+        runs = [sweep[best]] + [train_once(task.config, opt, best, s, root)
                                 for s in ([] if quick else SEEDS[1:])]
         steps = runs[0]["eval_loss"][0]
-        results[opt] = dict(lr=best[0], wd=best[1], steps=steps, sweep={
-            hp: float(c["eval_loss"][1][-1]) for hp, c in sweep.items()},
-            **{m: np.stack([r[m][1] for r in runs]) for m in METRICS})
+        results[opt] = dict(hp=best, steps=steps, sweep={hp: _final(c) for hp, c in sweep.items()},
+                            **{m: np.stack([r[m][1] for r in runs]) for m in METRICS})
     return results
 
 
@@ -146,21 +190,31 @@ def steps_to_reach(steps, mean_curve, target: float, lower_is_better: bool):
 
 
 def table(all_results: dict[str, dict]) -> str:
-    lines = ["| task | optimizer | lr | wd | lr sweep: final eval loss (seed 0) | eval loss | eval accuracy "
-             "| steps to AdamW's final loss | steps to AdamW's final accuracy |",
+    lines = ["| task | optimizer | chosen (seed 0 sweep) | sweep runs | eval loss | eval accuracy "
+             "| vs AdamW eval loss | steps to AdamW's final loss | steps to AdamW's final accuracy |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task, results in all_results.items():
-        ref = {m: results["adamw"][m][:, -1].mean() for m in METRICS}
+        ref = {m: results["adamw"][m][:, -1].mean() for m in METRICS} if "adamw" in results else None
         for opt, r in results.items():
             if "error" in r:
                 lines.append(f"| {task} | {opt} | failed: {r['error']} |||||||")
                 continue
-            sweep = ", ".join(f"{lr:.2g}: {v:.3f}" for (lr, _), v in sorted(r["sweep"].items()))
             stats = [f"{r[m][:, -1].mean():.4f} ± {r[m][:, -1].std():.4f}" for m in METRICS]
-            reach = [steps_to_reach(r["steps"], r[m].mean(0), ref[m], m == "eval_loss") for m in METRICS]
-            reach = ["never" if s is None else f"{s} / {r['steps'][-1]}" for s in reach]
-            lines.append(f"| {task} | {opt} | {r['lr']:.2g} | {r['wd']:.2g} | {sweep} | "
-                         f"{' | '.join(stats)} | {' | '.join(reach)} |")
+            if ref is None or "error" in results["adamw"]:
+                rel, reach = "", ["", ""]
+            else:
+                rel = f"{100 * (r['eval_loss'][:, -1].mean() / ref['eval_loss'] - 1):+.1f}%"
+                reach = [steps_to_reach(r["steps"], r[m].mean(0), ref[m], m == "eval_loss") for m in METRICS]
+                reach = ["never" if x is None else f"{x} / {r['steps'][-1]}" for x in reach]
+            lines.append(f"| {task} | {opt} | {describe(r['hp'])} | {len(r['sweep'])} | "
+                         f"{' | '.join(stats)} | {rel} | {' | '.join(reach)} |")
+    lines += ["", "Every sweep run (seed 0, final eval loss):", ""]
+    for task, results in all_results.items():
+        for opt, r in results.items():
+            if "error" not in r:
+                runs = ", ".join(f"{describe(hp)}: {v:.3f}" for hp, v in sorted(
+                    r["sweep"].items(), key=lambda kv: tuple(-1 if x is None else x for x in kv[0])))
+                lines.append(f"- {task}, {opt}: {runs}")
     return "\n".join(lines)
 
 
@@ -178,7 +232,7 @@ def plot(all_results: dict[str, dict], path: str) -> None:
                 if "error" in r:
                     continue
                 values = r[metric]
-                line, = ax.plot(r["steps"], values.mean(0), label=f"{opt} (lr {r['lr']:.2g}, wd {r['wd']:.2g})")
+                line, = ax.plot(r["steps"], values.mean(0), label=f"{opt} ({describe(r['hp'])})")
                 ax.fill_between(r["steps"], values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
             ax.set(title=f"{task}: {metric.replace('_', ' ')}", xlabel="step", ylabel=metric)
             if metric == "eval_loss":
@@ -209,6 +263,12 @@ def main() -> int:
     plot(all_results, os.path.join(args.out, "compare_optimizers.png"))
     md = table(all_results)
     command = "python benchmarks/compare_optimizers.py" + (" --quick" if args.quick else "")
+    chosen = {task: {opt: dict(zip(("learning_rate", "weight_decay", "b1", "b2"), r["hp"]))
+                     for opt, r in results.items() if "error" not in r}
+              for task, results in all_results.items()}
+    if not args.quick:  # benchmarks/lion_variants.py runs Lion at these settings
+        with open(os.path.join(args.out, "compare_optimizers.json"), "w") as f:
+            json.dump(chosen, f, indent=1)
     with open(os.path.join(args.out, "compare_optimizers.md"), "w") as f:
         f.write(f"`{command}`: {wall / 60:.1f} min wall time on {os.cpu_count()} CPU core(s).\n\n{md}\n")
     print(md)

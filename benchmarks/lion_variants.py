@@ -8,8 +8,9 @@ Tasks: `reduced` is the LM of benchmarks/compare_optimizers.py (configs/lm.py:de
 layers, batch 16, 300 steps); `demo` is configs/lm.py:demo unchanged (4 layers, batch 32,
 900 steps; ~4.5 min per run on 2 idle cores); `vit` is configs/vit.py:demo unchanged (ViT
 on the 8x8 digits, 1500 steps, ~1 min per run). Every run goes through `train.trainer.run`
-with Lion at the learning rate compare_optimizers picked for it (lr 1e-3, wd 0.09,
-b1/b2 0.95/0.98 on the reduced task; the demo configs' own Lion settings otherwise).
+with Lion at the setting benchmarks/compare_optimizers.py picked for it on the reduced task
+(read from benchmarks/results/compare_optimizers.json), the demo configs' own Lion settings
+otherwise.
 Prints a Markdown table: final eval loss (nats/byte for the LMs) and eval accuracy (next
 byte / digit), mean ± std over seeds, the loss's relative difference to bf16 momentum, and
 wall time per run.
@@ -58,7 +59,10 @@ def base_config(task: str, quick: bool):
         c.checkpoint_every = 0
     else:
         c = next(t.config for t in compare_optimizers.make_tasks(quick) if t.name == "byte LM")
-        c.optimizer.lion.learning_rate, c.optimizer.lion.weight_decay = 1e-3, 0.09
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                               "compare_optimizers.json")) as f:
+            chosen = json.load(f)["byte LM"]["lion"]
+        c.optimizer.lion.update({k: v for k, v in chosen.items() if v is not None})
     c.optimizer.name = "lion"
     if quick:
         c.num_steps, c.eval_every, c.log_every, c.optimizer.warmup_steps = 40, 20, 20, 10

@@ -47,7 +47,8 @@ class StepRunner:
         self.config = config
         mesh = mesh_lib.make_mesh(config.mesh)
         task = tasks.make_task(config)
-        tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps)
+        tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps,
+                                               optim.decay_mask(task, config.optimizer))
         rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
         self.context = lambda: partitioning.sharding_context(mesh, rules)
         graphdef, abstract_params = steps.abstract_model(task, mesh, rules)

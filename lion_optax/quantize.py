@@ -11,7 +11,7 @@ plus 4 bytes per block (1.016 B/param at block 256, less for whole rows).
 On TPU, whole-row blocks are the fast layout: the row maximum is a lane reduction that
 XLA fuses like a softmax's, and the scale broadcast stays inside the fusions. Blocks
 smaller than a row split the minor axis, which changes TPU's tiled layout: XLA then
-materializes relayout copies and scale broadcasts (see the README's measured bytes).
+materializes relayout copies and scale broadcasts (see docs/beyond_the_paper.md for the measured bytes).
 
 Stochastic rounding (`stochastic_round_to_bf16`, and `quantize_blockwise(key=...)`)
 rounds up with probability equal to the discarded fraction, so the rounding error has

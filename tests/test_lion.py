@@ -334,7 +334,7 @@ def test_state_born_sharded_like_params_and_update_has_no_collectives():
     ({"cautious": True}, {"all-reduce": 3}),  # the per-tensor rescale
 ])
 def test_which_options_add_collectives_to_the_sharded_update(options, expected):
-    """What README and the `lion` docstring say about collectives, counted on one sharded
+    """What docs/lion_optax.md and the `lion` docstring say about collectives, counted on one sharded
     tree (kernels split on both axes over a 2x4 mesh)."""
     import re
 

@@ -1,7 +1,10 @@
 """Per-chip figures of accelerators (dense bf16 peak, HBM size, HBM bandwidth).
 
-Published numbers, see ../shared/FACTS.md. `usable_hbm` is what XLA lets a program use
-when known (v4: 30.75 G measured), else the HBM size.
+Published numbers: Google Cloud's TPU system-architecture pages (cloud.google.com/tpu/docs/
+v4, v5e, v5p, v6e: bf16 peak, HBM capacity and bandwidth per chip) and NVIDIA's H100 / H200
+datasheets (dense bf16 Tensor Core peak, HBM3 / HBM3e size and bandwidth). `usable_hbm` is
+what XLA lets a program use when known (v4: 30.75 G, the budget the TPU compiler reports in
+its out-of-memory error when compiling for a v4 topology), else the HBM size.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 `workdir/checkpoints`, trains to `config.num_steps`, and writes metrics to
 `workdir/metrics.jsonl` and `workdir/tb/`. Re-running the same command resumes.
 
-Reliability (see README "Preemption and resume"): the data order, dropout keys and
+Reliability (see docs/trainer.md "Preemption and resume"): the data order, dropout keys and
 schedules are pure functions of the step, so a resumed run is bitwise the run it replaces;
 SIGTERM (or orbax's multi-host preemption sync point) finishes the step, commits a
 checkpoint and returns; non-finite steps are dropped on device and then skipped or halt the

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import sys
 
 from absl import flags
@@ -19,26 +18,34 @@ def _one_line(e: Exception) -> str:
     return text.splitlines()[-1] if text else type(e).__name__
 
 
-def _load_config(argv: list[str]):
-    """The config `--config=FILE[:ARG]` names, loaded as config_flags does; None on failure."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None:
+def _config_without_overrides(argv: list[str]):
+    """The `--config=FILE[:ARG]` config loaded by config_flags without the overrides (a
+    private FlagValues holding only that flag), or None if that fails too."""
+    from ml_collections import config_flags
+
+    spec = [a for a in argv if a.startswith("--config=")]
+    if not spec:
         return None
-    path, _, arg = spec.partition(":")
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values)
+    saved, sys.argv = sys.argv, [argv[0], spec[-1]]  # config_flags reads overrides from sys.argv
     try:
-        module_spec = importlib.util.spec_from_file_location("_config_for_error", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return module.get_config(arg) if arg else module.get_config()
+        values(sys.argv)
     except Exception:  # noqa: BLE001 - the original error is reported instead
         return None
+    finally:
+        sys.argv = saved
+    return values["config"].value
 
 
-def unknown_key_message(argv: list[str]) -> str | None:
+def unknown_key_message(argv: list[str], config=None) -> str | None:
     """'unknown config key config.a.b (...); did you mean config.a.c?' for the first
-    `--config.a.b=...` override whose key the config does not have; else None."""
+    `--config.a.b=...` override whose key the config (`config`, else the `--config` file
+    loaded without overrides) does not have; else None."""
     overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    config = _load_config(argv) if overrides else None
+    if not overrides:
+        return None
+    config = config if config is not None else _config_without_overrides(argv)
     if config is None:
         return None
     for path in overrides:

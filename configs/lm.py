@@ -22,6 +22,7 @@ from train import data as data_lib
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c = common.base_config()
     c.z_loss = 1e-4
+    c.loss_chunk = 0  # sequence positions per output-head/loss chunk (0: whole sequence)
     c.sample_steps = 200  # tokens generated after training (0 = none)
     c.optimizer.lion = common.lion(1e-4, 0.01, b1=0.95, b2=0.98)
     c.optimizer.adamw = common.adamw(1e-3, 0.001, b1=0.9, b2=0.95)
@@ -33,7 +34,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
                            eval_max_batches=8))
         c.model = ml_collections.ConfigDict(dict(
             family="lm", size="tiny", d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
-            ffn_dim=384, max_seq_len=512, scan_layers=True, remat="none", dtype="float32"))
+            ffn_dim=384, max_seq_len=512, scan_layers=True, remat="none", dtype="float32",
+            attention="auto"))
         c.num_steps, c.batch_size = 900, 32
         c.log_every, c.eval_every, c.checkpoint_every = 50, 300, 300
         c.optimizer.warmup_steps = 100
@@ -42,7 +44,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.optimizer.adafactor = common.adafactor(1e-2, 0.01)
         return c
 
-    # (seq_len, batch, vocab); 8b at batch 128 fits v5p-64 at 44 GiB/chip (train.aot).
+    # (seq_len, batch, vocab); 8b at batch 128 needs 12.6 GB of temporaries per v5p-64 chip (train.aot).
     sizes = {"1b": (2048, 1024, 32000), "8b": (8192, 128, 128256)}
     if arg not in sizes:
         raise ValueError(f"configs/lm.py: unknown variant {arg!r}; use demo, 1b or 8b")
@@ -55,7 +57,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
                        eval_max_batches=-(-50_000_000 // (seq_len * batch))))
     c.model = ml_collections.ConfigDict(dict(
         family="lm", size=arg, max_seq_len=seq_len, scan_layers=True, remat="full",
-        dtype="bfloat16"))
+        dtype="bfloat16", attention="auto"))
+    # The output head and loss run 1024 positions at a time (models.lm_loss): the 8b's
+    # float32 logits over 128k tokens would otherwise be the step's largest temporaries.
+    c.loss_chunk = 1024
     c.batch_size = batch  # sequences: 2M tokens (1b) / 1M tokens (8b) per step
     c.num_steps = 100_000
     c.optimizer.warmup_steps = 2000

@@ -33,7 +33,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.model = ml_collections.ConfigDict(dict(
             family="vit", variant="Ti/2", width=64, depth=4, mlp_dim=128, num_heads=4,
             pool_type="gap", posemb="learn", head_zero_init=True, dropout=0.0, scan_layers=True,
-            remat="none", dtype="float32"))
+            remat="none", dtype="float32", attention="auto"))
         c.num_steps, c.batch_size = 1500, 128
         c.log_every, c.eval_every, c.checkpoint_every = 50, 500, 500
         c.optimizer.warmup_steps = 100
@@ -48,7 +48,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         family="vit", variant=arg, pool_type="tok", posemb="learn", head_zero_init=True,
         # Saving only matmul outputs keeps B/16 at batch 4096 within 8 v4 chips (27 GiB of
         # 30.75 per chip, `python -m train.aot`); without remat it needs ~99 GiB per chip.
-        dropout=0.0, scan_layers=True, remat="save_dots", dtype="bfloat16"))
+        dropout=0.0, scan_layers=True, remat="save_dots", dtype="bfloat16", attention="auto"))
     c.batch_size = 4096
     c.num_steps = 300 * IMAGENET_TRAIN_IMAGES // c.batch_size
     c.optimizer.warmup_steps = 10_000

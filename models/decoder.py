@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import attention as attention_lib
+from models.lm_loss import cross_entropy_loss  # noqa: F401  (the decoder's loss, re-exported)
 from models.partitioning import constrain
 
 Array = jax.Array
@@ -53,6 +55,7 @@ class DecoderConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    attention: str = "auto"  # see models.attention.IMPLEMENTATIONS
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -67,6 +70,8 @@ class DecoderConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in attention_lib.IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {attention_lib.IMPLEMENTATIONS}")
 
 
 _SIZES: dict[str, dict[str, Any]] = {
@@ -149,14 +154,15 @@ class Attention(nnx.Module):
         self.out = _param(rngs, _kernel_init((0, 1), 2), (h, q, d),
                           ("heads", "head_dim", "embed"), pd)
 
-    def __call__(self, x, positions, cache=None, cache_index=None):
+    def __call__(self, x, positions, cache=None, cache_index=None, segment_ids=None):
         """x: [batch, seq, d_model] -> (same shape, updated per-layer cache or None).
 
-        With a cache, keys/values of `x` are written at slots `cache_index + [0, seq)` and
-        queries attend to every filled slot up to their own.
+        Without a cache, attention runs with `cfg.attention` (`models.attention`), within
+        `segment_ids` when given. With a cache, keys/values of `x` are written at slots
+        `cache_index + [0, seq)` and queries attend (XLA path) to every filled slot up
+        to their own.
         """
         cfg, dt = self.config, self.config.dtype
-        batch, seq, _ = x.shape
         kv_axes = ("act_batch", "act_length", "act_kv_heads", None)
         q = jnp.einsum("btd,dhq->bthq", x, self.query[...].astype(dt))
         k = jnp.einsum("btd,dkq->btkq", x, self.key[...].astype(dt))
@@ -166,28 +172,17 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, cfg.rope_theta) * jnp.asarray(cfg.head_dim ** -0.5, dt)
         k = apply_rope(k, positions, cfg.rope_theta)
 
-        start = 0
-        if cache is not None:
-            start = cache_index
+        if cache is None:
+            context = attention_lib.attend(q, k, v, implementation=cfg.attention, causal=True,
+                                           segment_ids=segment_ids, logit_softcap=cfg.attn_logit_softcap)
+        else:
             slot = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), slot)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), slot)
             cache = {"k": k, "v": v}
-        # Causal mask over cache slots: query at slot start+t sees key slots <= start+t.
-        query_slots = start + jnp.arange(seq)
-        mask = jnp.arange(k.shape[1])[None, :] <= query_slots[:, None]  # [seq, kv_len]
-
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(batch, seq, cfg.num_kv_heads, groups, cfg.head_dim)
-        logits = jnp.einsum("btkgq,bskq->bkgts", q, k.astype(dt),
-                            preferred_element_type=jnp.float32)
-        if cfg.attn_logit_softcap is not None:
-            cap = cfg.attn_logit_softcap
-            logits = cap * jnp.tanh(logits / cap)
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        context = jnp.einsum("bkgts,bskq->btkgq", probs, v.astype(dt))
-        context = context.reshape(batch, seq, cfg.num_heads, cfg.head_dim)
+            # Causal over cache slots: query at slot cache_index+t sees slots <= its own.
+            context = attention_lib.xla_attention(q, k, v, causal=True, query_offset=cache_index,
+                                                  logit_softcap=cfg.attn_logit_softcap)
         context = constrain(context, ("act_batch", "act_length", "act_heads", None))
         return jnp.einsum("bthq,hqd->btd", context, self.out[...].astype(dt)), cache
 
@@ -218,8 +213,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, cache=None, cache_index=None):
-        attn_out, cache = self.attn(self.attn_norm(x), positions, cache, cache_index)
+    def __call__(self, x, positions, cache=None, cache_index=None, segment_ids=None):
+        attn_out, cache = self.attn(self.attn_norm(x), positions, cache, cache_index, segment_ids)
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ACT_EMBED), cache
@@ -250,10 +245,29 @@ class Decoder(nnx.Module):
             self.lm_head = _param(rngs, _kernel_init(0, 1), (d, vocab), ("embed", "vocab"),
                                   cfg.param_dtype)
 
-    def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
-        """tokens [batch, seq] int -> float32 logits [batch, seq, vocab] (causal)."""
-        logits, _ = self._forward(tokens, positions, None, None)
-        return logits
+    def __call__(self, tokens: Array, positions: Array | None = None,
+                 segment_ids: Array | None = None) -> Array:
+        """tokens [batch, seq] int -> float32 logits [batch, seq, vocab] (causal; with
+        `segment_ids`, also within each packed document)."""
+        return self.logits(self.hidden(tokens, positions, segment_ids))
+
+    def hidden(self, tokens: Array, positions: Array | None = None,
+               segment_ids: Array | None = None) -> Array:
+        """The final-normed activations [batch, seq, d_model] that `logits` projects."""
+        return self._forward(tokens, positions, None, None, segment_ids)[0]
+
+    def logits(self, hidden: Array) -> Array:
+        """float32 logits [..., vocab] of `hidden` [..., d_model] (the output head)."""
+        dt = self.config.dtype
+        if self.config.tie_embeddings:
+            logits = jnp.einsum("...d,vd->...v", hidden, self.embed[...].astype(dt),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(dt),
+                                preferred_element_type=jnp.float32)
+        if logits.ndim == 3:
+            logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+        return logits.astype(jnp.float32)
 
     def decode(self, tokens: Array, cache: KVCache, cache_index, positions=None):
         """Cached forward of `tokens` written at slots [cache_index, cache_index + seq).
@@ -261,9 +275,10 @@ class Decoder(nnx.Module):
         Returns (float32 logits [batch, seq, vocab], updated cache). Positions default
         to the slot indices.
         """
-        return self._forward(tokens, positions, cache, cache_index)
+        hidden, cache = self._forward(tokens, positions, cache, cache_index, None)
+        return self.logits(hidden), cache
 
-    def _forward(self, tokens, positions, cache, cache_index):
+    def _forward(self, tokens, positions, cache, cache_index, segment_ids):
         cfg = self.config
         batch, seq = tokens.shape
         if positions is None:
@@ -271,22 +286,14 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
         x = constrain(x, ACT_EMBED)
-        x, cache = self._run_layers(x, positions, cache, cache_index)
-        x = self.final_norm(x)
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(cfg.dtype),
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(cfg.dtype),
-                                preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
-        return logits.astype(jnp.float32), cache
+        x, cache = self._run_layers(x, positions, cache, cache_index, segment_ids)
+        return self.final_norm(x), cache
 
-    def _run_layers(self, x, positions, cache, cache_index):
+    def _run_layers(self, x, positions, cache, cache_index, segment_ids):
         cfg = self.config
 
         def run_block(block, x, layer_cache):
-            return block(x, positions, layer_cache, cache_index)
+            return block(x, positions, layer_cache, cache_index, segment_ids)
 
         if cfg.remat != "none":
             policy = None
@@ -343,27 +350,6 @@ def unstack_layer_params(params: dict) -> dict:
 # ----------------------------------------------------------------------------- training
 
 
-def cross_entropy_loss(logits: Array, targets: Array, mask: Array | None = None,
-                       z_loss: float = 0.0) -> tuple[Array, dict[str, Array]]:
-    """Mean token cross-entropy (+ z_loss * log(Z)^2) in float32 over `mask`ed tokens.
-
-    Returns (loss, aux) with aux = {nll, z_loss, accuracy, num_tokens}.
-    """
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    # One-hot keeps the target gather local when the vocab axis is sharded.
-    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1],
-                                                   dtype=jnp.float32), axis=-1)
-    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    num_tokens = mask.sum()
-    denom = jnp.maximum(num_tokens, 1.0)
-    nll = jnp.sum((log_z - target_logit) * mask) / denom
-    z_term = z_loss * jnp.sum(jnp.square(log_z) * mask) / denom
-    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * mask) / denom
-    aux = {"nll": nll, "z_loss": z_term, "accuracy": accuracy, "num_tokens": num_tokens}
-    return nll + z_term, aux
-
-
 def matmul_params(cfg: DecoderConfig) -> int:
     """Parameters used in matmuls: all projections and the output head, not the lookup."""
     d, q = cfg.d_model, cfg.head_dim
@@ -372,7 +358,9 @@ def matmul_params(cfg: DecoderConfig) -> int:
     return cfg.num_layers * per_layer + d * cfg.vocab_size
 
 
-def train_flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
-    """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM, appendix B; causal not halved)."""
+def train_flops_per_token(cfg: DecoderConfig, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM, appendix B), the attention term
+    halved by default since a causal token attends to half the sequence on average (as
+    MaxText counts it); `causal=False` counts the full score matrix, as XLA computes it."""
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-    return float(6 * matmul_params(cfg) + attention)
+    return float(6 * matmul_params(cfg) + (attention / 2 if causal else attention))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import attention as attention_lib
 from models.partitioning import constrain
 
 Dtype = Any
@@ -68,9 +69,11 @@ class ViTConfig:
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat: str = "none"  # 'none' | 'full' | 'save_dots'
+    attention: str = "auto"  # see models.attention.IMPLEMENTATIONS
 
     def __post_init__(self):
         _check_choice("pool_type", self.pool_type, ("tok", "gap"))
+        _check_choice("attention", self.attention, attention_lib.IMPLEMENTATIONS)
         _check_choice("posemb", self.posemb, ("learn", "sincos2d"))
         _check_choice("remat", self.remat, ("none", "full", "save_dots"))
         if self.image_size % self.patch_size:
@@ -170,9 +173,10 @@ def _layer_norm(cfg: ViTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention; scores and softmax in float32."""
+    """Multi-head self-attention with the `cfg.attention` kernel (`models.attention`)."""
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.implementation = cfg.attention
         heads = (cfg.num_heads, cfg.head_dim)
         # Xavier over (embed) -> (heads * head_dim): LinearGeneral inits the flat kernel.
         proj = dict(
@@ -191,15 +195,16 @@ class Attention(nnx.Module):
             dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, recompute: bool = False) -> jax.Array:
+        """`recompute`: keep only q, k, v for the backward (a Pallas kernel's padded
+        inputs and outputs are recomputed), for steps without a remat of their own."""
         names = ("act_batch", "act_length", "act_heads", None)
         q = self.query(x)
         q = constrain(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), names)
         k = constrain(self.key(x), names)
         v = constrain(self.value(x), names)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        mixed = constrain(jnp.einsum("bhqk,bkhd->bqhd", weights, v), names)
+        mixed = attention_lib.attend(q, k, v, implementation=self.implementation, recompute=recompute)
+        mixed = constrain(mixed.astype(v.dtype), names)
         return self.out(mixed)
 
 
@@ -218,9 +223,15 @@ class MlpBlock(nnx.Module):
         self.dropout = cfg.dropout
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
-        h = jax.nn.gelu(self.fc1(x))
-        h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-        return self.fc2(_dropout(h, self.dropout, dropout_rng))
+        h = constrain(self.fc1(x), ("act_batch", "act_length", "act_mlp"))
+
+        # Only fc1's output is kept for the backward; GELU (whose autodiff would keep
+        # several [tokens, mlp_dim] intermediates) and dropout are recomputed from it.
+        @jax.checkpoint
+        def rest(h):
+            return self.fc2(_dropout(jax.nn.gelu(h), self.dropout, dropout_rng))
+
+        return rest(h)
 
 
 class EncoderBlock(nnx.Module):
@@ -232,12 +243,15 @@ class EncoderBlock(nnx.Module):
         self.norm2 = _layer_norm(cfg, rngs)
         self.mlp = MlpBlock(cfg, rngs=rngs)
         self.dropout = cfg.dropout
+        self.recompute_attention = cfg.remat != "full"
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         """`dropout_rng`: PRNG key in training, None for evaluation."""
         attn_rng, hidden_rng, mlp_rng = _split(dropout_rng, 3)
-        x = x + _dropout(self.attention(self.norm1(x)), self.dropout, attn_rng)
-        x = x + _dropout(self.mlp(self.norm2(x), hidden_rng), self.dropout, mlp_rng)
+        # LayerNorm runs in float32; recomputing it keeps those copies out of the residuals.
+        norm1, norm2 = jax.checkpoint(lambda x: self.norm1(x)), jax.checkpoint(lambda x: self.norm2(x))
+        x = x + _dropout(self.attention(norm1(x), self.recompute_attention), self.dropout, attn_rng)
+        x = x + _dropout(self.mlp(norm2(x), hidden_rng), self.dropout, mlp_rng)
         return constrain(x, _ACT)
 
 

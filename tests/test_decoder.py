@@ -235,5 +235,5 @@ def test_train_flops_per_token_matches_xla_cost_analysis():
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     measured = cost["flops"] / (batch * seq)
-    predicted = train_flops_per_token(cfg, seq)
+    predicted = train_flops_per_token(cfg, seq, causal=False)  # XLA computes every score
     assert abs(measured / predicted - 1) < 0.10, (measured, predicted)

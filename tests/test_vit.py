@@ -221,11 +221,13 @@ def test_remat_variants_match(scan_layers):
             return jax.jit(jax.value_and_grad(loss_fn))(params)
 
     ref_loss, ref_grads = loss_and_grads(reference)
-    assert "remat" not in jaxpr_text(reference, x, grad=True)
+    # The blocks recompute their LayerNorms and GELU (local checkpoints) in every variant;
+    # a remat policy adds the whole-block checkpoint on top.
+    local = jaxpr_text(reference, x, grad=True).count("remat")
     for remat in ("full", "save_dots"):
         model = build(dataclasses.replace(TINY, scan_layers=scan_layers, remat=remat))
         copy_params(reference, model)
-        assert "remat" in jaxpr_text(model, x, grad=True)
+        assert jaxpr_text(model, x, grad=True).count("remat") > local
         loss, grads = loss_and_grads(model)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)

@@ -201,12 +201,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: conf
 _TOPOLOGY_FLAG = flags.DEFINE_string("topology", None, "TPU topology, e.g. v4:2x2x2 or v5e:16x16.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN; set config.mesh.dcn_*).")
 _JSON = flags.DEFINE_bool("json", False, "Print the report as JSON.")
+_ROOFLINE = flags.DEFINE_bool("roofline", True, "Also compile the 1- and 2-layer probes for the roofline.")
 
 
 def main(argv) -> None:
     del argv
     try:
-        report = compile_report(_CONFIG.value, _TOPOLOGY_FLAG.value, _NUM_SLICES.value)
+        report = compile_report(_CONFIG.value, _TOPOLOGY_FLAG.value, _NUM_SLICES.value,
+                                roofline=_ROOFLINE.value)
     except UserError as e:
         cli.fail(str(e))
     print(json.dumps(report, indent=1) if _JSON.value else format_report(report), flush=True)

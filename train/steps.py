@@ -18,8 +18,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lion_optax
-from models import partitioning
+from models import attention, partitioning
 from train import dlion, optim
+from train.errors import ConfigError
 
 
 class TrainState(NamedTuple):
@@ -33,7 +34,12 @@ BATCH_SPEC = P(("data", "fsdp"))
 
 
 def abstract_model(task, mesh, rules):
-    """(graphdef, abstract params with NamedShardings) without allocating anything."""
+    """(graphdef, abstract params with NamedShardings) without allocating anything.
+    Stops with a ConfigError when the model's attention kernel cannot run on `mesh`."""
+    try:
+        attention.resolve(task.model_config.attention, mesh.devices.flat[0].platform)
+    except attention.UnavailableAttention as e:
+        raise ConfigError(f"model.attention: {e}") from None
     with partitioning.sharding_context(mesh, rules):
         model = nnx.eval_shape(lambda: task.build(nnx.Rngs(0)))
         graphdef, state = nnx.split(model)

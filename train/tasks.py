@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from models import decoder as decoder_lib
+from models import lm_loss
 from models import partitioning
 from models import vit as vit_lib
 from train.errors import ConfigError
@@ -120,6 +121,10 @@ class LanguageModeling(_Task):
             raise ConfigError(
                 f"data.seq_len {self.seq_len} exceeds the model's max_seq_len {self.model_config.max_seq_len}")
         self.z_loss = float(config.get("z_loss", 0.0))
+        # Sequence positions per chunk of the output head and loss (0: the whole sequence).
+        self.loss_chunk = int(config.get("loss_chunk", 0))
+        if self.loss_chunk < 0 or (0 < self.loss_chunk < self.seq_len and self.seq_len % self.loss_chunk):
+            raise ConfigError(f"loss_chunk {self.loss_chunk} must be 0 or divide data.seq_len {self.seq_len}")
 
     @property
     def num_layers(self) -> int:
@@ -139,15 +144,18 @@ class LanguageModeling(_Task):
         return {"inputs": tokens, "targets": tokens,
                 "mask": jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.float32)}
 
+    def _loss(self, model, batch, z_loss):
+        hidden = model.hidden(batch["inputs"], segment_ids=batch.get("segment_ids"))
+        return lm_loss.chunked_cross_entropy(hidden, model.logits, batch["targets"], batch.get("mask"),
+                                             z_loss, self.loss_chunk)
+
     def loss(self, model, batch, rng):
         del rng  # no dropout in the decoder
-        logits = model(batch["inputs"])
-        loss, aux = decoder_lib.cross_entropy_loss(logits, batch["targets"], batch.get("mask"), self.z_loss)
+        loss, aux = self._loss(model, batch, self.z_loss)
         return loss, {"accuracy": aux["accuracy"], "nll": aux["nll"]}
 
     def eval_sums(self, model, batch):
-        logits = model(batch["inputs"])
-        _, aux = decoder_lib.cross_entropy_loss(logits, batch["targets"], batch.get("mask"))
+        _, aux = self._loss(model, batch, 0.0)
         n = aux["num_tokens"]
         return {"loss": aux["nll"] * n, "accuracy": aux["accuracy"] * n, "count": n}
 

@@ -21,7 +21,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from models.decoder import Decoder, DecoderConfig, cross_entropy_loss  # noqa: E402
+from models.decoder import Decoder, DecoderConfig  # noqa: E402
+from models.lm_loss import cross_entropy_loss  # noqa: E402
 from models.partitioning import sharding_context  # noqa: E402
 
 

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import attention as attention_lib
-from models.lm_loss import cross_entropy_loss  # noqa: F401  (the decoder's loss, re-exported)
 from models.partitioning import constrain
 
 Array = jax.Array
@@ -257,17 +256,15 @@ class Decoder(nnx.Module):
         return self._forward(tokens, positions, None, None, segment_ids)[0]
 
     def logits(self, hidden: Array) -> Array:
-        """float32 logits [..., vocab] of `hidden` [..., d_model] (the output head)."""
+        """float32 logits [batch, seq, vocab] of `hidden` [batch, seq, d_model] (the output head)."""
         dt = self.config.dtype
         if self.config.tie_embeddings:
-            logits = jnp.einsum("...d,vd->...v", hidden, self.embed[...].astype(dt),
+            logits = jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(dt),
                                 preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("...d,dv->...v", hidden, self.lm_head[...].astype(dt),
+            logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(dt),
                                 preferred_element_type=jnp.float32)
-        if logits.ndim == 3:
-            logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
-        return logits.astype(jnp.float32)
+        return constrain(logits, ("act_batch", "act_length", "act_vocab")).astype(jnp.float32)
 
     def decode(self, tokens: Array, cache: KVCache, cache_index, positions=None):
         """Cached forward of `tokens` written at slots [cache_index, cache_index + seq).

@@ -14,13 +14,13 @@ from jax.sharding import PartitionSpec as P
 from models import partitioning
 from models.decoder import (
     Decoder,
-    cross_entropy_loss,
     decoder_config,
     stack_layer_params,
     train_flops_per_token,
     unstack_layer_params,
 )
 from models.generate import generate
+from models.lm_loss import cross_entropy_loss
 
 
 def build(cfg, seed=0):

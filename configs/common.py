@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Logical-axis rules overriding models.partitioning.DEFAULT_RULES, e.g.
     # (("embed", "fsdp"), ("mlp", "tensor"), ...); empty = the defaults.
     c.sharding_rules = ()
+    # XLA/libtpu compiler options for the train step when it runs (or is compiled) on TPU,
+    # e.g. {"xla_jf_bf16_propagation": False}; ignored on other platforms.
+    c.tpu_compiler_options = ml_collections.ConfigDict()
     c.optimizer = ml_collections.ConfigDict(dict(
         name="lion",
         schedule="cosine",

@@ -23,6 +23,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c = common.base_config()
     c.z_loss = 1e-4
     c.loss_chunk = 0  # sequence positions per output-head/loss chunk (0: whole sequence)
+    c.loss_vocab_chunks = 1  # strided vocabulary slices per output-head/loss chunk (models.lm_loss)
     c.sample_steps = 200  # tokens generated after training (0 = none)
     c.optimizer.lion = common.lion(1e-4, 0.01, b1=0.95, b2=0.98)
     c.optimizer.adamw = common.adamw(1e-3, 0.001, b1=0.9, b2=0.95)
@@ -45,9 +46,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         return c
 
     # (seq_len, batch, vocab); 8b at batch 128 needs 12.6 GB of temporaries per v5p-64 chip (train.aot).
-    sizes = {"1b": (2048, 1024, 32000), "8b": (8192, 128, 128256)}
+    sizes = {"1b": (2048, 1024, 32000), "8b": (8192, 128, 128256), "8b-v5e": (8192, 8, 128256)}
     if arg not in sizes:
-        raise ValueError(f"configs/lm.py: unknown variant {arg!r}; use demo, 1b or 8b")
+        raise ValueError(f"configs/lm.py: unknown variant {arg!r}; use demo, 1b, 8b or 8b-v5e")
     seq_len, batch, vocab = sizes[arg]
     c.data = data_lib.default_data_config("c4")
     # tokenizer: path of the SentencePiece .model matching vocab_size (required).
@@ -56,7 +57,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.data.update(dict(seq_len=seq_len, tokenizer="", vocab_size=vocab,
                        eval_max_batches=-(-50_000_000 // (seq_len * batch))))
     c.model = ml_collections.ConfigDict(dict(
-        family="lm", size=arg, max_seq_len=seq_len, scan_layers=True, remat="full",
+        family="lm", size=arg.split("-")[0], max_seq_len=seq_len, scan_layers=True, remat="full",
         dtype="bfloat16", attention="auto"))
     # The output head and loss run 1024 positions at a time (models.lm_loss): the 8b's
     # float32 logits over 128k tokens would otherwise be the step's largest temporaries.
@@ -66,4 +67,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 2000
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
     c.log_every, c.eval_every, c.checkpoint_every = 20, 2000, 1000
+    if arg == "8b-v5e":
+        # Llama-3-8B on the cheapest slice, v5e:2x4 (8 chips of 16 GiB), 1 sequence of 8192
+        # per chip: int8 Lion momentum with the fused apply; the head and loss over 8 strided
+        # vocabulary slices of the whole sequence; and libtpu's bf16 propagation off, which
+        # would otherwise keep a bf16 copy of every stacked layer weight (2 GB per chip)
+        # alive through the forward and backward layer loops (docs/results.md).
+        c.optimizer.lion.update(dict(mu_dtype="int8", fused_apply=True))
+        c.loss_chunk, c.loss_vocab_chunks = 0, 8
+        c.tpu_compiler_options = ml_collections.ConfigDict(dict(xla_jf_bf16_propagation=False))
     return c

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import attention as attention_lib
+from models import lm_loss
 from models.partitioning import constrain
 
 Array = jax.Array
@@ -255,16 +256,17 @@ class Decoder(nnx.Module):
         """The final-normed activations [batch, seq, d_model] that `logits` projects."""
         return self._forward(tokens, positions, None, None, segment_ids)[0]
 
-    def logits(self, hidden: Array) -> Array:
-        """float32 logits [batch, seq, vocab] of `hidden` [batch, seq, d_model] (the output head)."""
+    def head_kernel(self) -> Array:
+        """The output head [d_model, vocab] in the compute dtype (the embedding's transpose
+        when tied), as `models.lm_loss.chunked_cross_entropy` takes it."""
         dt = self.config.dtype
         if self.config.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", hidden, self.embed[...].astype(dt),
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(dt),
-                                preferred_element_type=jnp.float32)
-        return constrain(logits, ("act_batch", "act_length", "act_vocab")).astype(jnp.float32)
+            return self.embed[...].astype(dt).T
+        return self.lm_head[...].astype(dt)
+
+    def logits(self, hidden: Array) -> Array:
+        """float32 logits [batch, seq, vocab] of `hidden` [batch, seq, d_model] (the output head)."""
+        return lm_loss.head_logits(hidden, self.head_kernel())
 
     def decode(self, tokens: Array, cache: KVCache, cache_index, positions=None):
         """Cached forward of `tokens` written at slots [cache_index, cache_index + seq).

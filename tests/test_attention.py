@@ -149,11 +149,13 @@ def test_chunked_loss_equals_plain_loss_and_gradients():
     hidden = jax.random.normal(keys[0], (batch, seq, d))
     head = jax.random.normal(keys[1], (d, vocab)) * 0.5
     targets = jax.random.randint(keys[2], (batch, seq), 0, vocab)
+    # Half the targets are the argmax, so the accuracy is not 0 (and its id mapping counts).
+    top = jnp.argmax(jnp.einsum("btd,dv->btv", hidden, head), -1)
+    targets = jnp.where(jnp.arange(seq) % 2 == 0, top, targets)
     mask = (jax.random.uniform(keys[3], (batch, seq)) > 0.2).astype(jnp.float32)
 
-    def loss(hidden, head, chunk):
-        logits_fn = lambda h: jnp.einsum("...d,dv->...v", h, head)  # noqa: E731
-        return lm_loss.chunked_cross_entropy(hidden, logits_fn, targets, mask, 1e-2, chunk)
+    def loss(hidden, head, chunk, vocab_chunks=1):
+        return lm_loss.chunked_cross_entropy(hidden, head, targets, mask, 1e-2, chunk, vocab_chunks)
 
     plain, plain_grads = jax.value_and_grad(lambda *a: loss(*a, 0)[0], argnums=(0, 1))(hidden, head)
     # float64 transcription of the mean masked NLL + z-loss.
@@ -163,14 +165,50 @@ def test_chunked_loss_equals_plain_loss_and_gradients():
     m = np.float64(mask)
     expected = ((log_z - target) * m).sum() / m.sum() + 1e-2 * (log_z ** 2 * m).sum() / m.sum()
     np.testing.assert_allclose(plain, expected, rtol=1e-5)
-    for chunk in (4, 8):
-        value, grads = jax.value_and_grad(lambda *a: loss(*a, chunk)[0], argnums=(0, 1))(hidden, head)
+    accuracy = np.mean((logits.argmax(-1) == np.asarray(targets))[m > 0])
+    assert accuracy > 0.4
+    np.testing.assert_allclose(loss(hidden, head, 0)[1]["accuracy"], accuracy, rtol=1e-6)
+    for chunk, vocab_chunks in ((4, 1), (8, 1), (0, 3), (0, 5), (8, 4)):
+        value, grads = jax.value_and_grad(lambda *a: loss(*a, chunk, vocab_chunks)[0],
+                                          argnums=(0, 1))(hidden, head)
         np.testing.assert_allclose(value, plain, rtol=1e-6)
         for g, e in zip(grads, plain_grads):
             np.testing.assert_allclose(g, e, atol=1e-6, rtol=1e-5)
-        np.testing.assert_allclose(loss(hidden, head, chunk)[1]["accuracy"], loss(hidden, head, 0)[1]["accuracy"])
+        np.testing.assert_allclose(loss(hidden, head, chunk, vocab_chunks)[1]["accuracy"], accuracy, rtol=1e-6)
     with pytest.raises(ValueError, match="divide"):
         loss(hidden, head, 5)
+    with pytest.raises(ValueError, match="vocabulary"):
+        loss(hidden, head, 0, 7)
+
+
+def test_sharded_chunked_loss_equals_unsharded_plain_loss():
+    """8 CPU devices (data 2 x fsdp 2 x tensor 2), untied and tied heads: the loss over
+    sequence blocks and strided vocabulary slices, and every gradient, equal the plain
+    unsharded loss of the materialized logits."""
+    for tied in (False, True):
+        cfg = decoder_config("tiny", scan_layers=True, tie_embeddings=tied)
+        tokens = jax.random.randint(jax.random.PRNGKey(4), (4, 32), 0, cfg.vocab_size)
+
+        def loss_and_grads(mesh, chunk, vocab_chunks):
+            with partitioning.sharding_context(mesh):
+                graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+
+                def loss(params):
+                    model = nnx.merge(graphdef, params)
+                    if vocab_chunks == 0:
+                        return lm_loss.cross_entropy_loss(model(tokens), tokens, None, 1e-2)[0]
+                    return lm_loss.chunked_cross_entropy(model.hidden(tokens), model.head_kernel(), tokens,
+                                                         None, 1e-2, chunk, vocab_chunks)[0]
+
+                return jax.jit(jax.value_and_grad(loss))(params)
+
+        ref_loss, ref_grads = loss_and_grads(None, 0, 0)
+        mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+        for chunk, vocab_chunks in ((0, 4), (8, 2)):
+            loss, grads = loss_and_grads(mesh, chunk, vocab_chunks)
+            np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+            for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+                np.testing.assert_allclose(g, e, atol=1e-6 + 1e-4 * float(jnp.abs(e).max()), rtol=1e-3)
 
 
 def test_chunked_loss_never_holds_all_logits():
@@ -180,16 +218,16 @@ def test_chunked_loss_never_holds_all_logits():
     head = jax.ShapeDtypeStruct((d, vocab), jnp.float32)
     targets = jnp.zeros((batch, seq), jnp.int32)
 
-    def temp_bytes(chunk):
+    def temp_bytes(chunk, vocab_chunks=1):
         def loss(hidden, head):
-            logits_fn = lambda h: jnp.einsum("...d,dv->...v", h, head)  # noqa: E731
-            return lm_loss.chunked_cross_entropy(hidden, logits_fn, targets, None, 0.0, chunk)[0]
+            return lm_loss.chunked_cross_entropy(hidden, head, targets, None, 0.0, chunk, vocab_chunks)[0]
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, head).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     logits_bytes = batch * seq * vocab * 4
     assert temp_bytes(0) >= logits_bytes
     assert temp_bytes(64) < logits_bytes / 2, (temp_bytes(64), logits_bytes)
+    assert temp_bytes(0, 8) < logits_bytes / 2, (temp_bytes(0, 8), logits_bytes)
 
 
 def test_kernel_unavailable_on_this_backend_is_one_error_line(tmp_path):
@@ -200,3 +238,28 @@ def test_kernel_unavailable_on_this_backend_is_one_error_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "splash" in errors[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_loss_chunk_settings_that_do_not_divide_are_config_errors():
+    from configs import lm as lm_configs
+    from train import tasks
+    from train.errors import ConfigError
+
+    for key, value, match in (("loss_chunk", 7, "loss_chunk 7"), ("loss_vocab_chunks", 7, "loss_vocab_chunks 7"),
+                              ("loss_vocab_chunks", 0, "loss_vocab_chunks 0")):
+        config = lm_configs.get_config("demo")
+        config[key] = value
+        with pytest.raises(ConfigError, match=match):
+            tasks.make_task(config)
+    # The task's loss with 3 vocabulary slices (the 257-entry byte vocabulary is padded to
+    # 384) equals its loss without.
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 128), 0, 257)
+    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "mask": jnp.ones((2, 128))}
+    losses = []
+    for vocab_chunks in (1, 3):
+        config = lm_configs.get_config("demo")
+        config.loss_vocab_chunks = vocab_chunks
+        task = tasks.make_task(config)
+        with partitioning.sharding_context(None):
+            losses.append(task.loss(task.build(nnx.Rngs(0)), batch, None)[0])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)

@@ -258,7 +258,15 @@ def jit_train_step(config, task, graphdef, tx, lr_schedule, shardings: TrainStat
                            nan_at_step=nan_at_step, vote_axis=vote_axis,
                            grad_shardings=grad_shardings, apply_fn=apply_fn)
     return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=tpu_compiler_options(config, shardings))
+
+
+def tpu_compiler_options(config, shardings) -> dict | None:
+    """`config.tpu_compiler_options` when the step's devices are TPUs (else None)."""
+    options = dict(config.get("tpu_compiler_options") or {})
+    sharding = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+    platform = next(iter(sharding.device_set)).platform
+    return options if options and platform == "tpu" else None
 
 
 def make_eval_step(task, graphdef):

@@ -125,6 +125,12 @@ class LanguageModeling(_Task):
         self.loss_chunk = int(config.get("loss_chunk", 0))
         if self.loss_chunk < 0 or (0 < self.loss_chunk < self.seq_len and self.seq_len % self.loss_chunk):
             raise ConfigError(f"loss_chunk {self.loss_chunk} must be 0 or divide data.seq_len {self.seq_len}")
+        # Strided vocabulary slices per output-head/loss step (1: the whole vocabulary).
+        self.loss_vocab_chunks = int(config.get("loss_vocab_chunks", 1))
+        vocab = self.model_config.vocab_size
+        if self.loss_vocab_chunks < 1 or vocab % self.loss_vocab_chunks:
+            raise ConfigError(f"loss_vocab_chunks {self.loss_vocab_chunks} must be >= 1 and divide the "
+                              f"model's vocab_size {vocab}")
 
     @property
     def num_layers(self) -> int:
@@ -146,8 +152,8 @@ class LanguageModeling(_Task):
 
     def _loss(self, model, batch, z_loss):
         hidden = model.hidden(batch["inputs"], segment_ids=batch.get("segment_ids"))
-        return lm_loss.chunked_cross_entropy(hidden, model.logits, batch["targets"], batch.get("mask"),
-                                             z_loss, self.loss_chunk)
+        return lm_loss.chunked_cross_entropy(hidden, model.head_kernel(), batch["targets"], batch.get("mask"),
+                                             z_loss, self.loss_chunk, self.loss_vocab_chunks)
 
     def loss(self, model, batch, rng):
         del rng  # no dropout in the decoder

@@ -53,23 +53,22 @@ def _vocab_chunked_terms(hidden: Array, kernel: Array, targets: Array, num: int)
 
     @jax.checkpoint
     def step(carry, xs):
-        run_max, run_sum, target_logit, best, best_id = carry
+        run_max, run_sum, target_logit, best_id = carry
         w, j = xs
         logits = head_logits(hidden, w)
-        # log Z does not depend on the shift, so the running max carries no gradient.
-        new_max = jnp.maximum(run_max, jax.lax.stop_gradient(logits.max(-1)))
+        # log Z does not depend on the shift, so the running max carries no gradient; it is
+        # also the best logit so far, which gives the argmax for the accuracy.
+        top = jax.lax.stop_gradient(logits.max(-1))
+        new_max = jnp.maximum(run_max, top)
         run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(-1)
         hit = jax.nn.one_hot(slot, logits.shape[-1], dtype=jnp.float32) * (owner == j)[..., None]
         target_logit = target_logit + jnp.sum(logits * hit, -1)
-        value = jax.lax.stop_gradient(logits.max(-1))
-        better = value > best
-        best_id = jnp.where(better, jnp.argmax(logits, -1).astype(jnp.int32) * num + j, best_id)
-        return (new_max, run_sum, target_logit, jnp.maximum(best, value), best_id), None
+        best_id = jnp.where(top > run_max, jnp.argmax(logits, -1).astype(jnp.int32) * num + j, best_id)
+        return (new_max, run_sum, target_logit, best_id), None
 
-    neg_inf = jnp.full(targets.shape, -jnp.inf, jnp.float32)
     zero = jnp.zeros(targets.shape, jnp.float32)
-    init = (neg_inf, zero, zero, neg_inf, jnp.zeros(targets.shape, jnp.int32))
-    (run_max, run_sum, target_logit, _, best_id), _ = jax.lax.scan(
+    init = (jnp.full(targets.shape, -jnp.inf, jnp.float32), zero, zero, jnp.zeros(targets.shape, jnp.int32))
+    (run_max, run_sum, target_logit, best_id), _ = jax.lax.scan(
         step, init, (slices, jnp.arange(num, dtype=jnp.int32)))
     return run_max + jnp.log(run_sum), target_logit, (best_id == targets).astype(jnp.float32)
 

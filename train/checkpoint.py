@@ -21,6 +21,7 @@ saved config, and the checkpoint stays where it is.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -93,6 +94,9 @@ class Checkpointer:
     def _write_failed(self, step: int, error: BaseException) -> None:
         """Removes the partial save, then raises one CheckpointWriteError naming the cause."""
         self._failed, self._pending = True, None
+        # orbax's writer tasks that died with this error are logged by asyncio ("Task exception
+        # was never retrieved", a traceback) whenever they are collected, after our one line.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
         try:  # joins orbax's background threads, so nothing writes into the partial save
             self.manager.close()
         except Exception:  # noqa: BLE001 - the error being reported

@@ -162,11 +162,15 @@ def test_sigterm_checkpoints_within_a_step_exits_0_and_resumes(tmp_path):
 # ------------------------------------------------------------------ 4. damaged checkpoints
 
 
-def _truncate_largest_data_file(step_dir):
-    files = [os.path.join(root, f) for root, _, names in os.walk(step_dir / "state") for f in names]
-    victim = max(files, key=os.path.getsize)
-    with open(victim, "r+b") as f:
-        f.truncate(os.path.getsize(victim) // 2)
+def _truncate_data_files(step_dir):
+    # Every OCDBT data file cut in half, as a copy that stopped midway. Not one file: some hold
+    # only per-process b-tree nodes that a restore never reads (truncating one of those alone
+    # resumes correctly from that step, measured), so "the largest file" was not always damage.
+    for root, _, names in os.walk(step_dir / "state"):
+        if os.path.basename(root) == "d":
+            for name in names:
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(os.path.getsize(f.name) // 2)
 
 
 def _remove_manifest(step_dir):
@@ -177,7 +181,7 @@ def _remove_metadata(step_dir):
     os.remove(step_dir / "state" / "_METADATA")
 
 
-@pytest.mark.parametrize("damage", [_truncate_largest_data_file, _remove_manifest, _remove_metadata])
+@pytest.mark.parametrize("damage", [_truncate_data_files, _remove_manifest, _remove_metadata])
 def test_damaged_newest_checkpoint_falls_back_with_one_warning(tmp_path, tmp_path_factory, capfd, damage):
     reference = reference_run(tmp_path_factory, num_steps=8)
     workdir = tmp_path / "damaged"
@@ -324,13 +328,17 @@ def test_checkpoint_write_failure_is_one_line_and_keeps_older_checkpoints(tmp_pa
     trainer.run(tiny_lm(num_steps=2, checkpoint_every=2), str(workdir))
     ckpts = workdir / "checkpoints"
     before = _snapshot(ckpts / "2")
-    limit = max(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ckpts / "2") for f in fs) // 2
+    # Half the tree metadata, a file every save writes at the same size (how values are grouped
+    # into data files varies from save to save, so half the largest data file was not always hit);
+    # the run's metrics and event files stay below it, and no compile cache entry is written.
+    limit = os.path.getsize(ckpts / "2" / "state" / "_METADATA") // 2
 
     # Set in a fresh interpreter that then execs the trainer (no preexec_fn under JAX threads).
     small_disk = (f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
                   "os.execv(sys.executable, [sys.executable, '-m', 'train', *sys.argv[1:]])")
     proc = subprocess.run([sys.executable, "-c", small_disk, *args, *cli_flags(num_steps=4, checkpoint_every=2)],
-                          cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=240)
+                          cwd=REPO, env={**cpu_env(), "JAX_ENABLE_COMPILATION_CACHE": "false"},
+                          capture_output=True, text=True, timeout=240)
     err = proc.stderr
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 4, err[-3000:]

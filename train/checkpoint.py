@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from typing import Any
 
 import grain
@@ -95,8 +96,10 @@ class Checkpointer:
         """Removes the partial save, then raises one CheckpointWriteError naming the cause."""
         self._failed, self._pending = True, None
         # orbax's writer tasks that died with this error are logged by asyncio ("Task exception
-        # was never retrieved", a traceback) whenever they are collected, after our one line.
+        # was never retrieved", a traceback) whenever they are collected, after our one line,
+        # and the writes they never started warn "coroutine ... was never awaited" at exit.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         try:  # joins orbax's background threads, so nothing writes into the partial save
             self.manager.close()
         except Exception:  # noqa: BLE001 - the error being reported

@@ -2,8 +2,8 @@
 
     python benchmarks/compare_optimizers.py [--quick] [--out benchmarks/results]
 
-Tasks: `configs/vit.py:demo` (ViT on sklearn digits) shortened to `VIT_STEPS`, and a reduced
-`configs/lm.py:demo` (byte LM on the Python stdlib source: 2 layers, batch 16, `LM_STEPS`).
+Tasks: `configs/vit.py:demo` (ViT on sklearn digits) shortened to `common.VIT_STEPS`, and a reduced
+`configs/lm.py:demo` (byte LM on the Python stdlib source: 2 layers, batch 16, `common.LM_STEPS`).
 Every run uses the trainer itself (`train.trainer.run`), so schedule, clipping, masking and
 data order are exactly those of `python -m train`.
 
@@ -26,60 +26,27 @@ mean). `--quick`: 1 seed, no sweep, few steps; a smoke test of the whole pipelin
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # first: sets the environment before jax loads
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import lion_optax  # noqa: E402
-from configs import lm as lm_configs  # noqa: E402
-from configs import vit as vit_configs  # noqa: E402
-from train import trainer  # noqa: E402
+import lion_optax
 
 METRICS = ("eval_loss", "eval_accuracy")
 SEEDS = (0, 1, 2)
 LION_FACTOR = 3.0  # the paper's lr / wd mapping factor (3-10 recommended)
-VIT_STEPS, LM_STEPS = 800, 300
 MAX_EXTEND = 2  # extra 3x steps when the best value sits at an edge of its grid
 # Lion (b1, b2) tried on the LM after lr and wd: the paper's LM setting is the config's
 # 0.95 / 0.98; 0.9 / 0.95 is Wen et al. 2025's (arXiv 2509.02046), 0.9 / 0.99 the default.
 LION_BETAS = ((0.9, 0.95), (0.9, 0.99))
 
 
-@dataclasses.dataclass
-class Task:
-    name: str
-    config: object  # ml_collections.ConfigDict, the base for every run of this task
-    optimizers: tuple[str, ...]
-
-
-def make_tasks(quick: bool) -> list[Task]:
-    """The demo configs, shortened; eval often enough to draw curves."""
-    vit = vit_configs.get_config("demo")
-    vit.num_steps, vit.eval_every, vit.log_every = VIT_STEPS, 50, 50
-    vit.optimizer.warmup_steps = 80
-
-    lm = lm_configs.get_config("demo")
-    lm.model.num_layers = 2
-    lm.num_steps, lm.batch_size, lm.eval_every, lm.log_every = LM_STEPS, 16, 25, 25
-    lm.optimizer.warmup_steps = 30
-
-    tasks = [Task("ViT digits", vit, ("adamw", "lion")),
-             Task("byte LM", lm, ("adamw", "adafactor", "lion"))]
-    for t in tasks:
-        t.config.sample_steps = 0
-        t.config.checkpoint_every = 0  # only the final (forced) save
-        if quick:
-            t.config.num_steps, t.config.eval_every, t.config.log_every = 40, 20, 20
-            t.config.optimizer.warmup_steps = 10
-    return tasks
+Task, make_tasks = common.Task, common.demo_tasks
 
 
 HParams = tuple  # (lr, wd, b1, b2); b1 / b2 None = the config's
@@ -105,11 +72,8 @@ def train_once(config, optimizer: str, hp: HParams, seed: int, root: str) -> dic
     c.optimizer[optimizer].learning_rate, c.optimizer[optimizer].weight_decay = lr, wd
     if b1 is not None:
         c.optimizer[optimizer].b1, c.optimizer[optimizer].b2 = b1, b2
-    workdir = tempfile.mkdtemp(dir=root)
     t0 = time.perf_counter()
-    trainer.run(c, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    _, rows = common.train_and_read(c, root)
     curves = {m: (np.array([r["step"] for r in rows if m in r]),
                   np.array([r[m] for r in rows if m in r])) for m in METRICS}
     print(f"  {optimizer:9s} {describe(hp)} seed={seed}: eval_loss "

@@ -11,11 +11,9 @@ layout. Goal: the scanned 32-layer step compiles within 2x of the 2-layer one.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")  # libtpu must not grab a chip
+import common  # noqa: F401, E402 - first: sets the environment before jax loads
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

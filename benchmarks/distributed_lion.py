@@ -6,7 +6,7 @@
     CPU devices (mesh data=8) on `configs/lm.py:demo`, and, with libtpu, ahead of time for
     a TPU v5e 2x4 slice on the `small` decoder (d 768, 12 layers, seq 1024, batch 32,
     data=8), with standard Lion and Distributed Lion (majority and mean votes).
-    `train.hlo_comm` sums the collectives of each compiled program: operand bytes and
+    `train.analysis.hlo_bytes` sums the collectives of each compiled program: operand bytes and
     per-device wire bytes (ring convention) per step, and the ratios against the compiled
     standard Lion step (on TPU, XLA all-reduces most gradients in bfloat16) and against a
     ring all-reduce of every gradient in float32.
@@ -30,17 +30,14 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")  # libtpu must not open a chip
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402 - after XLA_FLAGS, before jax loads
 
 import jax
 import numpy as np
 
 from configs import lm as lm_configs
-from train import aot, hlo_comm, trainer
-from train import mesh as mesh_lib
+from train import aot, setup
+from train.analysis import hlo_bytes
 from train.errors import UserError
 
 VARIANTS = {"lion": "", "majority": "majority", "mean": "mean"}  # name -> lion.distributed
@@ -57,11 +54,11 @@ def with_vote(config, vote: str):
 
 
 def comm_of(config, devices=None) -> dict:
-    """hlo_comm totals and per-kind numbers of the compiled train step of `config`."""
-    mesh = mesh_lib.make_mesh(config.mesh, devices)
-    _, state, lowered = aot._lowered_train_step(config, mesh)
+    """hlo_bytes totals and per-kind numbers of the compiled train step of `config`."""
+    built = setup.build(config, devices)
+    state, lowered = built.abstract_state, built.lower_train_step()
     params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    return {"params": params, **hlo_comm.collective_bytes(lowered.compile().as_text())}
+    return {"params": params, **hlo_bytes.collective_bytes(lowered.compile().as_text())}
 
 
 def tpu_config():
@@ -94,7 +91,7 @@ def comm_table(quick: bool, tpu: bool) -> str:
         reference = results["lion"]["total"]["wire_bytes"]
         fp32 = 2 * 7 / 8 * 4 * results["lion"]["params"]  # ring all-reduce of fp32 grads, N=8
         for name, r in results.items():
-            kinds = ", ".join(f"{r[k]['count']} {k}" for k in hlo_comm.KINDS if k in r)
+            kinds = ", ".join(f"{r[k]['count']} {k}" for k in hlo_bytes.KINDS if k in r)
             total = r["total"]
             lines.append(f"| {label} | {r['params']:,} | {name} | {kinds} | {total['operand_bytes']:,.0f} | "
                          f"{total['wire_bytes']:,.0f} | {reference / total['wire_bytes']:.1f}x | "
@@ -104,10 +101,7 @@ def comm_table(quick: bool, tpu: bool) -> str:
 
 def lm_task(quick: bool):
     """compare_optimizers' reduced byte-LM demo, at batch 32 on mesh data=8."""
-    import compare_optimizers
-
-    task = next(t for t in compare_optimizers.make_tasks(quick) if t.name == "byte LM")
-    config = task.config
+    config = common.demo_task("byte LM", quick)
     config.batch_size = 32
     config.eval_every = config.num_steps  # only the final eval is reported
     config.optimizer.lion.update(LION)
@@ -122,11 +116,9 @@ def quality_table(quick: bool, root: str) -> str:
         for seed in seeds:
             c = with_vote(base, vote)
             c.seed = seed
-            workdir = tempfile.mkdtemp(dir=root)
             t0 = time.perf_counter()
-            last = trainer.run(c, workdir)
-            with open(os.path.join(workdir, "metrics.jsonl")) as f:
-                evals = [json.loads(line) for line in f if "eval_loss" in line]
+            last, rows = common.train_and_read(c, root)
+            evals = [r for r in rows if "eval_loss" in r]
             finals.setdefault(name, []).append(evals[-1]["eval_loss"])
             print(f"  {name} seed {seed}: final eval loss {evals[-1]['eval_loss']:.4f} "
                   f"({time.perf_counter() - t0:.0f} s, {last['examples_per_sec'] / c.batch_size:.1f} "

@@ -17,21 +17,17 @@ matrices, biases, norm scales): 7 blocks of width 768 = 49.6M parameters.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")  # libtpu must not grab a chip
-# Compile-only use of libtpu: several processes may load it at once.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import common  # noqa: F401, E402 - first: sets the environment before jax loads
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import lion_optax  # noqa: E402
-from train import hlo_comm  # noqa: E402
+from train.analysis import hlo_bytes  # noqa: E402
 
 
 def param_shapes(layers: int, width: int) -> dict:
@@ -92,20 +88,20 @@ def _tpu_chip():
 
 
 def _tpu_bytes(opt, shapes, chip) -> tuple[float, int]:
-    """(cost_analysis bytes accessed, `hlo_comm.hbm_bytes`) of one step compiled for `chip`."""
+    """(cost_analysis bytes accessed, `hlo_bytes.hbm_bytes`) of one step compiled for `chip`."""
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=chip), shapes,
                           is_leaf=lambda x: isinstance(x, tuple))
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=chip),
                          jax.eval_shape(opt.init, params))
     compiled = make_step(opt).lower(params, state, params).compile()
-    return compiled.cost_analysis()["bytes accessed"], hlo_comm.hbm_bytes(compiled.as_text())
+    return compiled.cost_analysis()["bytes accessed"], hlo_bytes.hbm_bytes(compiled.as_text())
 
 
 def tpu_bytes_per_param(opt, shapes, n_params: int, chip) -> tuple[float, float, float, float]:
     """(per tensor, per tensor HBM, whole step, whole step HBM) bytes / param, one TPU v5e chip.
 
     "Per tensor" compiles the step for each parameter shape alone and sums
-    cost_analysis's bytes accessed; "per tensor HBM" is `train.hlo_comm.hbm_bytes` of the same
+    cost_analysis's bytes accessed; "per tensor HBM" is `train.analysis.hlo_bytes.hbm_bytes` of the same
     compiles. "Whole step" compiles the full tree. cost_analysis counts accesses to
     on-chip VMEM too: wherever the TPU compiler stages tensors through VMEM with async
     copies it counts those copies on top of the fusion's own accesses, which the HBM

@@ -26,15 +26,10 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # first: sets the environment before jax loads
 
-import compare_optimizers  # noqa: E402
-
-from configs import lm as lm_configs  # noqa: E402
-from configs import vit as vit_configs  # noqa: E402
-from train import trainer  # noqa: E402
+from configs import lm as lm_configs
+from configs import vit as vit_configs
 
 # name -> overrides of config.optimizer.lion
 VARIANTS = {
@@ -58,7 +53,7 @@ def base_config(task: str, quick: bool):
         c = vit_configs.get_config("demo")
         c.checkpoint_every = 0
     else:
-        c = next(t.config for t in compare_optimizers.make_tasks(quick) if t.name == "byte LM")
+        c = common.demo_task("byte LM", quick)
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                "compare_optimizers.json")) as f:
             chosen = json.load(f)["byte LM"]["lion"]
@@ -71,10 +66,7 @@ def base_config(task: str, quick: bool):
 
 def final_eval(config, root: str) -> tuple[float, float]:
     """(eval loss, eval accuracy) of the last evaluation of a fresh run of `config`."""
-    workdir = tempfile.mkdtemp(dir=root)
-    trainer.run(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    _, rows = common.train_and_read(config, root)
     last = [r for r in rows if "eval_loss" in r][-1]
     return last["eval_loss"], last.get("eval_accuracy", float("nan"))
 

@@ -22,13 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")  # libtpu must not open a chip
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import common  # noqa: F401, E402 - first: sets the environment before jax loads
 
 from configs import lm as lm_configs  # noqa: E402
 from configs import vit as vit_configs  # noqa: E402

@@ -21,16 +21,13 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")  # libtpu must not open a chip
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import common  # noqa: F401, E402 - first: sets the environment before jax loads
 
 import jax  # noqa: E402
 
 from configs import lm as lm_configs  # noqa: E402
 from configs import vit as vit_configs  # noqa: E402
-from models import partitioning  # noqa: E402
-from train import aot, optim, steps, tasks  # noqa: E402
+from train import aot, setup  # noqa: E402
 from train import data as data_lib  # noqa: E402
 from train import mesh as mesh_lib  # noqa: E402
 from train import metrics as metrics_lib  # noqa: E402
@@ -41,23 +38,17 @@ CPU_CASES = (("LM demo", lm_configs, "demo", ("lion", "adamw", "adafactor")),
 
 
 class StepRunner:
-    """One config's state and jitted train step, built like `train.trainer._train`."""
+    """One config's state and jitted train step, built by `train.setup.build` as the trainer's."""
 
     def __init__(self, config):
         self.config = config
-        mesh = mesh_lib.make_mesh(config.mesh)
-        task = tasks.make_task(config)
-        tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps,
-                                               optim.decay_mask(task, config.optimizer))
-        rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
-        self.context = lambda: partitioning.sharding_context(mesh, rules)
-        graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
-        shardings = steps.state_shardings(abstract_params, tx, mesh)
-        self.state = steps.init_state(task, tx, shardings, mesh, rules, config.seed)
-        self.step = steps.jit_train_step(config, task, graphdef, tx, lr_schedule, shardings, abstract_params)
+        built = setup.build(config)
+        self.context = built.context
+        self.state = built.init_state()
+        self.step = built.train_step
         batches = data_lib.make_train_iterator(config.data, config.batch_size, config.seed)
-        self.batch = data_lib.to_global_batch(next(batches), mesh)  # reused: times compute only
-        self.flops_per_step = task.flops_per_example() * config.batch_size
+        self.batch = mesh_lib.to_global_batch(next(batches), built.mesh)  # reused: times compute only
+        self.flops_per_step = built.task.flops_per_example() * config.batch_size
         self.seconds: list[float] = []  # per-step time of each timed round
         self.run(2)  # compile and warm up
 

@@ -13,7 +13,7 @@ with --config.optimizer.name=adamw), 10k warmup steps then cosine, bf16 compute.
 import ml_collections
 
 from configs import common
-from train import data as data_lib
+from configs.data import data_config
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -26,7 +26,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.optimizer.adafactor = common.adafactor(1e-3, 1.0)
 
     if arg == "demo":
-        c.data = data_lib.default_data_config("digits")
+        c.data = data_config("digits")
         c.data.augment.random_resized_crop = True
         c.data.augment.crop_scale = (0.6, 1.0)
         c.data.augment.flip = False  # digits are not mirror-symmetric
@@ -43,7 +43,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 
     if arg not in ("Ti/16", "S/16", "B/16", "L/16"):
         raise ValueError(f"configs/vit.py: unknown variant {arg!r}; use demo, Ti/16, S/16, B/16 or L/16")
-    c.data = data_lib.default_data_config("imagenet2012")  # 224 px, crop + flip, center-crop eval
+    c.data = data_config("imagenet2012")  # 224 px, crop + flip, center-crop eval
     c.model = ml_collections.ConfigDict(dict(
         family="vit", variant=arg, pool_type="tok", posemb="learn", head_zero_init=True,
         # Saving only matmul outputs keeps B/16 at batch 4096 within 8 v4 chips (27 GiB of

@@ -206,6 +206,34 @@ def scale_by_lion(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _decays(weight_decay: optax.ScalarOrSchedule) -> bool:
+    """False only for a weight decay that is the constant 0 (then params are not needed)."""
+    return not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+
+
+def _at(value: optax.ScalarOrSchedule, count):
+    """A scalar, or a schedule evaluated at `count`."""
+    return value(count) if callable(value) else value
+
+
+def _decay_flags(name: str, decays: bool, mask: MaskOrFn, params, treedef) -> tuple[list, list]:
+    """(per-leaf decay flags from `_resolve_mask`, param leaves); all False without decay.
+    ValueError naming `name` when decay is on and `params` were not passed."""
+    if not decays:
+        return [False] * treedef.num_leaves, [None] * treedef.num_leaves
+    if params is None:
+        raise ValueError(f"{name}: weight decay needs the current params: call update(grads, state, params)")
+    return _resolve_mask(mask, params, treedef), treedef.flatten_up_to(params)
+
+
+def _with_decay(u, p, wd, flag):
+    """`u + wd * p` where `flag` (True, False, or a boolean array) says to decay."""
+    if flag is False:
+        return u
+    decayed = u + wd * p.astype(u.dtype)
+    return decayed if flag is True else jnp.where(flag, decayed, u)
+
+
 def _resolve_mask(mask: MaskOrFn, params, treedef) -> list:
     """One entry per parameter leaf: True (decay), False, or a boolean array."""
     if mask is None:
@@ -273,36 +301,24 @@ def lion(
       (or `ScaleByLionQuantizedState` for int8 momentum).
     """
     mu_dtype, block_size, seed = _check_options(mu_dtype, block_size, stochastic_rounding, seed)
-    decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+    decays = _decays(weight_decay)
 
     def init_fn(params):
         return _init_momentum(params, mu_dtype, block_size)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        if decays and params is None:
-            raise ValueError(
-                "lion: weight decay needs the current params: call update(grads, state, params)"
-            )
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
-
         treedef = jax.tree.structure(updates)
+        flags, ps = _decay_flags("lion", decays, mask, params, treedef)
+        lr, wd = _at(learning_rate, state.count), _at(weight_decay, state.count)
         grads = treedef.flatten_up_to(updates)
         mus, scales = _leaves(state, treedef)
-        if decays:
-            flags = _resolve_mask(mask, params, treedef)
-            ps = treedef.flatten_up_to(params)
-        else:
-            flags, ps = [False] * len(grads), [None] * len(grads)
 
         momentum = _Momentum(block_size, stochastic_rounding, seed, state.count)
         new_updates, new_mu, new_scale = [], [], []
         for i, (g, m, s, p, flag) in enumerate(zip(grads, mus, scales, ps, flags)):
             u, m, s = momentum.step(g, m, s, i, b1, b2, cautious)
-            if flag is not False:
-                decayed = u + wd * p.astype(u.dtype)
-                u = decayed if flag is True else jnp.where(flag, decayed, u)
+            u = _with_decay(u, p, wd, flag)
             new_updates.append(jnp.asarray(-lr, u.dtype) * u)
             new_mu.append(m)
             new_scale.append(s)

@@ -54,12 +54,15 @@ import optax
 
 from lion_optax._lion import (
     MaskOrFn,
+    _at,
     _check_options,
+    _decay_flags,
+    _decays,
     _init_momentum,
     _leaves,
     _Momentum,
     _new_state,
-    _resolve_mask,
+    _with_decay,
 )
 
 __all__ = ["VOTES", "distributed_lion"]
@@ -172,7 +175,7 @@ def distributed_lion(
         mu_dtype, block_size, seed = _check_options(mu_dtype, block_size, stochastic_rounding, seed)
     except ValueError as e:
         raise ValueError(f"distributed_lion: {e}") from None
-    decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+    decays = _decays(weight_decay)
     aggregate = _majority if vote == "majority" else _mean
 
     def init_fn(params):
@@ -181,15 +184,9 @@ def distributed_lion(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         num = _axis_size(axis_name)
-        if decays and params is None:
-            raise ValueError(
-                "distributed_lion: weight decay needs the current params: call "
-                "update(grads, state, params)"
-            )
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
-
         treedef = jax.tree.structure(updates)
+        flags, ps = _decay_flags("distributed_lion", decays, mask, params, treedef)
+        lr, wd = _at(learning_rate, state.count), _at(weight_decay, state.count)
         worker = jax.lax.axis_index(axis_name)
         momentum = _Momentum(block_size, stochastic_rounding, seed, state.count, stream=worker)
         mus, scales = _leaves(state, treedef)
@@ -200,18 +197,11 @@ def distributed_lion(
         bits = _sign_bits(directions, worker)
         delta = aggregate(bits, axis_name, num, dtype)
 
-        if decays:
-            flags = _resolve_mask(mask, params, treedef)
-            ps = treedef.flatten_up_to(params)
-        else:
-            flags, ps = [False] * len(directions), [None] * len(directions)
         new_updates, offset = [], 0
         for d, p, flag in zip(directions, ps, flags):
             u = delta[offset:offset + d.size].reshape(d.shape).astype(d.dtype)
             offset += d.size
-            if flag is not False:
-                decayed = u + wd * p.astype(u.dtype)
-                u = decayed if flag is True else jnp.where(flag, decayed, u)
+            u = _with_decay(u, p, wd, flag)
             new_updates.append(jnp.asarray(-lr, u.dtype) * u)
         new_state = _new_state(state, treedef, [m for _, m, _ in steps], [sc for _, _, sc in steps])
         return treedef.unflatten(new_updates), new_state

@@ -226,7 +226,7 @@ def fused_lion(
         lion_kwargs.get("seed"))
     fusable = (_lion._is_int8(mu_dtype) and block_size is None and not lion_kwargs.get("cautious")
                and not lion_kwargs.get("stochastic_rounding"))
-    decays = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+    decays = _lion._decays(weight_decay)
 
     def unfused(grads, state, params, grad_scale, apply_if):
         if grad_scale is not None:
@@ -247,8 +247,7 @@ def fused_lion(
         device's shard. Without them it sees whole arrays, which XLA would gather."""
         if not fusable:
             return unfused(grads, state, params, grad_scale, apply_if)
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        wd = weight_decay(state.count) if callable(weight_decay) else weight_decay
+        lr, wd = _lion._at(learning_rate, state.count), _lion._at(weight_decay, state.count)
         gs = 1.0 if grad_scale is None else grad_scale
         ok = True if apply_if is None else apply_if
         hp = jnp.stack([jnp.asarray(x, jnp.float32) for x in (lr, wd, gs, ok)])

@@ -201,10 +201,10 @@ def _splash(q, k, v, segment_ids, *, block, interpret, causal, logit_softcap):
         q, k, v, segment_ids)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads, seq, causal, block, logit_softcap, interpret):
-    """The splash kernel for one shape; built once (its mask is preprocessed in NumPy,
-    which would otherwise repeat for every layer of an unrolled model)."""
+    """The splash kernel for one shape, made in the trace that calls it: a kernel kept
+    across traces (the eval step after the train step) would hold the first trace's
+    arrays. The NumPy preprocessing of its mask is cached by jax (`_process_mask`)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 

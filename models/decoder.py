@@ -23,16 +23,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import attention as attention_lib
-from models import lm_loss
+from models import layer_stack, lm_loss
 from models.partitioning import constrain
 
 Array = jax.Array
 # {'k', 'v'}: [layers, batch, max_len, kv_heads, head_dim] in the compute dtype.
 KVCache = dict[str, Array]
 
-REMAT_POLICIES = ("none", "full", "save_dots")
 ACT_EMBED = ("act_batch", "act_length", "act_embed")
-_LAYERS = {nnx.PARTITION_NAME: "layers"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +66,8 @@ class DecoderConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.remat not in layer_stack.REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not one of {layer_stack.REMAT_POLICIES}")
         if self.attention not in attention_lib.IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r} is not one of {attention_lib.IMPLEMENTATIONS}")
 
@@ -231,15 +229,8 @@ class Decoder(nnx.Module):
         d, vocab = cfg.d_model, cfg.vocab_size
         self.embed = _param(rngs, nnx.initializers.normal(d ** -0.5), (vocab, d),
                             ("vocab", "embed"), cfg.param_dtype)
-        if cfg.scan_layers:
-            @nnx.split_rngs(splits=cfg.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS)
-            def make_stacked_blocks(rngs):
-                return Block(cfg, rngs=rngs)
-
-            self.layers = make_stacked_blocks(rngs)
-        else:
-            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = layer_stack.make_layers(lambda r: Block(cfg, rngs=r), cfg.num_layers,
+                                              cfg.scan_layers, rngs)
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, _kernel_init(0, 1), (d, vocab), ("embed", "vocab"),
@@ -294,15 +285,11 @@ class Decoder(nnx.Module):
         def run_block(block, x, layer_cache):
             return block(x, positions, layer_cache, cache_index, segment_ids)
 
-        if cfg.remat != "none":
-            policy = None
-            if cfg.remat == "save_dots":
-                policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-            run_block = nnx.remat(run_block, policy=policy, prevent_cse=not cfg.scan_layers)
+        run_block = layer_stack.remat(run_block, cfg.remat, in_scan=cfg.scan_layers)
 
         if cfg.scan_layers:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
-                      transform_metadata=_LAYERS)
+                      transform_metadata=layer_stack.LAYERS)
             def scan_blocks(x, block, layer_cache):
                 return run_block(block, x, layer_cache)
 
@@ -333,17 +320,12 @@ def stack_layer_params(params: dict) -> dict:
     Works on `nnx.state(model, nnx.Param).to_pure_dict()` (or any state-shaped dict);
     load the result with `nnx.replace_by_pure_dict` into a `scan_layers=True` model.
     """
-    layers = params["layers"]
-    per_layer = [layers[i] for i in sorted(layers)]
-    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}
+    return {**params, "layers": layer_stack.stack(params["layers"])}
 
 
 def unstack_layer_params(params: dict) -> dict:
     """Inverse of `stack_layer_params`: leading `layers` axis -> {0: ..., 1: ...}."""
-    stacked = params["layers"]
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
-    per_layer = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}
-    return {**params, "layers": per_layer}
+    return {**params, "layers": layer_stack.unstack(params["layers"])}
 
 
 # ----------------------------------------------------------------------------- training

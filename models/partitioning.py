@@ -111,7 +111,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=None):
+def variable_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=None):
     """NamedShardings for an `nnx.State` of (abstract) Variables carrying logical names.
 
     Variables without a sharding annotation are replicated, and so is any dimension

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from models import attention as attention_lib
+from models import layer_stack
 from models.partitioning import constrain
 
 Dtype = Any
@@ -45,7 +46,6 @@ VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 _ACT = ("act_batch", "act_length", "act_embed")
-_LAYERS = {nnx.PARTITION_NAME: "layers"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ class ViTConfig:
         _check_choice("pool_type", self.pool_type, ("tok", "gap"))
         _check_choice("attention", self.attention, attention_lib.IMPLEMENTATIONS)
         _check_choice("posemb", self.posemb, ("learn", "sincos2d"))
-        _check_choice("remat", self.remat, ("none", "full", "save_dots"))
+        _check_choice("remat", self.remat, layer_stack.REMAT_POLICIES)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}."
@@ -123,9 +123,7 @@ def vit_config(variant: str, **overrides: Any) -> ViTConfig:
     return ViTConfig(**(fields | overrides))
 
 
-# ----------------------------------------------------------------------------------
-# Layers
-# ----------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------- layers
 
 
 def _sharded(init, *names: str | None):
@@ -255,42 +253,24 @@ class EncoderBlock(nnx.Module):
         return constrain(x, _ACT)
 
 
-def _block_step(remat: str, in_scan: bool):
-    """`(block, x, dropout_rng) -> x`, rematerialised as configured."""
-
-    def step(block: EncoderBlock, x: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
-        return block(x, dropout_rng)
-
-    if remat == "none":
-        return step
-    policies = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-    policy = policies[remat]
-    # Inside scan the loop already stops CSE across the boundary; outside it must not.
-    return nnx.remat(step, policy=policy, prevent_cse=not in_scan)
-
-
 class Encoder(nnx.Module):
     """`depth` encoder blocks (a list, or one stacked block when scanned) + final LN."""
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.scan_layers = cfg.scan_layers
         self.remat = cfg.remat
-        if cfg.scan_layers:
-            @nnx.split_rngs(splits=cfg.depth)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS)
-            def stacked_blocks(rngs: nnx.Rngs) -> EncoderBlock:
-                return EncoderBlock(cfg, rngs=rngs)
-
-            self.blocks = stacked_blocks(rngs)
-        else:
-            self.blocks = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.blocks = layer_stack.make_layers(lambda r: EncoderBlock(cfg, rngs=r), cfg.depth,
+                                              cfg.scan_layers, rngs)
         self.norm = _layer_norm(cfg, rngs)
 
     def __call__(self, x: jax.Array, dropout_rngs: jax.Array | None = None) -> jax.Array:
         """`dropout_rngs`: one PRNG key per block (shape (depth,)) in training, else None."""
-        step = _block_step(self.remat, in_scan=self.scan_layers)
+        def call(block: EncoderBlock, x: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+            return block(x, dropout_rng)
+
+        step = layer_stack.remat(call, self.remat, in_scan=self.scan_layers)
         if self.scan_layers:
-            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=_LAYERS)
+            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=layer_stack.LAYERS)
             def run_layers(block: EncoderBlock, x: jax.Array, rng: jax.Array | None) -> jax.Array:
                 return step(block, x, rng)
 
@@ -368,23 +348,18 @@ class ViT(nnx.Module):
         return self.head(pooled).astype(jnp.float32)
 
 
-# ----------------------------------------------------------------------------------
-# Layout conversion and accounting
-# ----------------------------------------------------------------------------------
+# ------------------------------------------------------ layout conversion and accounting
 
 
 def stack_blocks(params: dict) -> dict:
     """Pure param dict of an unrolled ViT -> the scanned layout (leading 'layers' axis)."""
-    blocks = params["encoder"]["blocks"]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[i] for i in range(len(blocks))))
+    stacked = layer_stack.stack(params["encoder"]["blocks"])
     return {**params, "encoder": {**params["encoder"], "blocks": stacked}}
 
 
 def unstack_blocks(params: dict) -> dict:
     """Pure param dict of a scanned ViT -> the unrolled layout (one entry per block)."""
-    stacked = params["encoder"]["blocks"]
-    depth = jax.tree.leaves(stacked)[0].shape[0]
-    blocks = {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)}
+    blocks = layer_stack.unstack(params["encoder"]["blocks"])
     return {**params, "encoder": {**params["encoder"], "blocks": blocks}}
 
 

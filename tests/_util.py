@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from configs import lm as lm_configs
+from configs import vit as vit_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,6 +23,14 @@ TINY_LM = {
 def tiny_lm(**overrides):
     c = lm_configs.get_config("demo")
     c.update_from_flattened_dict({**TINY_LM, **overrides})
+    return c
+
+
+def tiny_vit(**overrides):
+    c = vit_configs.get_config("demo")
+    c.model.update(dict(width=32, depth=2, mlp_dim=64, num_heads=2))
+    c.update(dict(num_steps=4, batch_size=16, log_every=1, eval_every=4, checkpoint_every=4))
+    c.update_from_flattened_dict(overrides)
     return c
 
 
@@ -91,3 +100,23 @@ def run_two_processes(workdir, *, check: bool = True, **overrides):
         return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+
+
+def train_hf_bpe(path, vocab_size=400, special=("<|begin_of_text|>", "<|end_of_text|>")):
+    """A byte-level BPE tokenizer.json (GPT-2 / Llama-3 style) trained here on stdlib text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from train.datasets import python_stdlib_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    files = python_stdlib_text.stdlib_files()
+    tok.train_from_iterator((t for _, t in files[:30]), trainer=trainer)
+    # Like Llama-3's: encode() prepends the first special token unless told not to.
+    tok.post_processor = processors.TemplateProcessing(single=f"{special[0]} $A",
+                                                       special_tokens=[(special[0], 0)])
+    tok.save(str(path))
+    return tok

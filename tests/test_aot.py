@@ -13,7 +13,8 @@ from configs import vit as vit_configs
 
 pytest.importorskip("libtpu", reason="the `tpu` extra (libtpu) is part of the test install")
 
-from train import aot  # noqa: E402
+from train import aot, setup  # noqa: E402
+from train import mesh as mesh_lib  # noqa: E402
 from train.errors import ConfigError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,8 +33,7 @@ def test_vit_b16_on_v4_report_and_lion_halves_adamw_state():
     assert report["optimizer_state_bytes_per_chip"] == pytest.approx(2 * 86_567_656, rel=1e-3)
 
     config.optimizer.name = "adamw"
-    mesh = aot.mesh_lib.make_mesh(config.mesh, aot.topology_devices("v4:2x2x1")[0])
-    _, state, _ = aot._lowered_train_step(config, mesh)
+    state = setup.build(config, aot.topology_devices("v4:2x2x1")[0]).abstract_state
     assert aot._shard_bytes(state.opt_state) == pytest.approx(8 * 86_567_656, rel=1e-3)
 
 
@@ -106,7 +106,7 @@ def test_unknown_topology_is_a_config_error():
 
 def test_hybrid_mesh_over_two_slices():
     devices, _ = aot.topology_devices("v5e:2x2", num_slices=2)
-    mesh = aot.mesh_lib.make_mesh({"data": -1, "fsdp": 2, "dcn_data": 2}, devices)
+    mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "dcn_data": 2}, devices)
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
     slices = [[d.slice_index for d in row] for row in mesh.devices[:, :, 0]]
     # The DCN factor is the outer part of `data`: only data-parallel traffic crosses slices.
@@ -123,8 +123,7 @@ def test_tpu_step_runs_the_splash_kernel(family):
     else:
         config = vit_configs.get_config("demo")
         config.batch_size = 8
-    mesh = aot.mesh_lib.make_mesh(config.mesh, aot.topology_devices("v5e:2x2")[0])
-    _, _, lowered = aot._lowered_train_step(config, mesh)
+    lowered = setup.build(config, aot.topology_devices("v5e:2x2")[0]).lower_train_step()
     hlo = lowered.compile().as_text()
     kernels = {re.match(r"\s*%?([\w]+)", line).group(1) for line in hlo.splitlines()
                if 'custom_call_target="tpu_custom_call"' in line}

@@ -77,6 +77,15 @@ def test_kernel_matches_reference_forward_and_gradients(kernel, causal, segmente
         np.testing.assert_allclose(g, e, atol=2e-4 * float(jnp.abs(e).max()), rtol=1e-3)
 
 
+def test_splash_kernel_built_in_one_trace_serves_the_next():
+    """The kernel is cached per shape; built inside the train step's trace (under a scan,
+    as scanned layers do) it is reused by the eval step's trace and must hold no tracers."""
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 72, 3, 8)) for i in range(3))  # a shape of its own
+    attend = lambda q, k, v: attention.attend(q, k, v, implementation="splash_interpret", causal=True)  # noqa: E731
+    in_scan = jax.jit(lambda q, k, v: jax.lax.scan(lambda c, _: (c, attend(q, k, v)), 0, None, length=1)[1][0])
+    np.testing.assert_allclose(in_scan(q, k, v), jax.jit(attend)(q, k, v), atol=1e-6)
+
+
 def test_xla_path_matches_reference():
     q, k, v = qkv(seq=40)
     seg = packed_segments(2, 40).at[:, 30:].set(5)

@@ -13,9 +13,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from _util import train_hf_bpe
 from jax.sharding import NamedSharding, PartitionSpec
 
-from train import data, preprocess
+from configs.data import data_config
+from train import data, preprocess, tokenizer
+from train import mesh as mesh_lib
 from train.datasets import DataError, digits, prepare, python_stdlib_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,14 +33,14 @@ def data_dir(tmp_path_factory):
 
 
 def image_cfg(data_dir, **kw):
-    cfg = data.default_data_config("digits")
+    cfg = data_config("digits")
     cfg.data_dir = data_dir
     cfg.update(kw)
     return cfg
 
 
 def text_cfg(data_dir, seq_len=32, **kw):
-    cfg = data.default_data_config("python_stdlib_text")
+    cfg = data_config("python_stdlib_text")
     cfg.data_dir, cfg.seq_len = data_dir, seq_len
     cfg.update(kw)
     return cfg
@@ -125,7 +128,7 @@ def test_missing_real_dataset_raises_one_line_data_error(tmp_path):
         msg = str(e.value)
         assert "\n" not in msg and name in msg and str(tmp_path) in msg
         assert isinstance(e.value, ValueError)
-    cfg = data.default_data_config("imagenet2012")
+    cfg = data_config("imagenet2012")
     cfg.data_dir = str(tmp_path)
     with pytest.raises(DataError, match="imagenet2012"):
         data.make_train_iterator(cfg, 8, seed=0)
@@ -239,7 +242,7 @@ def test_lm_packing_from_token_cache(data_dir):
     # The cached stream is every train file's bytes followed by EOS, in path order.
     files = [t for p, t in python_stdlib_text.stdlib_files()
              if python_stdlib_text.split_of(p) == "train"]
-    tok = preprocess.ByteTokenizer()
+    tok = tokenizer.ByteTokenizer()
     stream = np.load(preprocess.token_cache_path(
         prepare("python_stdlib_text", data_dir).data_dir, "train", tok))
     np.testing.assert_array_equal(stream, preprocess.pack_documents(files, tok))
@@ -264,7 +267,7 @@ def test_streaming_packing_with_grain_and_resume(data_dir):
     windows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1) for b in first])
     src = prepare("python_stdlib_text", data_dir).as_data_source("train")
     docs = grain.MapDataset.source(src).seed(0).shuffle()
-    tok = preprocess.ByteTokenizer()
+    tok = tokenizer.ByteTokenizer()
     stream = preprocess.pack_documents([docs[i]["text"] for i in range(20)], tok)
     assert len(stream) >= windows.size
     np.testing.assert_array_equal(windows.reshape(-1), stream[:windows.size])
@@ -278,6 +281,75 @@ def test_streaming_packing_with_grain_and_resume(data_dir):
         data.make_train_iterator(cfg, 4, 0, start_step=1)
 
 
+def test_hugging_face_tokenizer_json_roundtrip_and_pipeline(data_dir, tmp_path):
+    from train.errors import UserError
+
+    reference = train_hf_bpe(tmp_path / "tokenizer.json")
+    tok = tokenizer.make_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert tok.vocab_size == reference.get_vocab_size() == 400
+    assert tok.eos_id == reference.token_to_id("<|end_of_text|>")
+    for _, text in python_stdlib_text.stdlib_files()[:5]:
+        chunk = text[:3000]
+        ids = tok.encode(chunk)
+        assert ids.dtype == np.int32 and len(ids) < len(chunk)
+        assert ids.tolist() == reference.encode(chunk, add_special_tokens=False).ids
+        assert tok.decode(ids) == chunk
+    assert tokenizer.make_tokenizer(str(tmp_path)).cache_tag == tok.cache_tag  # the directory works too
+    bos = reference.token_to_id("<|begin_of_text|>")
+    assert tok.encode_document("x = 1").tolist() == tok.encode("x = 1").tolist() + [tok.eos_id]
+    with_bos = tokenizer.make_tokenizer(str(tmp_path / "tokenizer.json"), add_bos=True)
+    assert with_bos.encode_document("x = 1").tolist() == [bos] + tok.encode("x = 1").tolist() + [tok.eos_id]
+    assert with_bos.cache_tag != tok.cache_tag and not tok.add_bos  # the cached one is not changed
+    with pytest.raises(UserError, match="no beginning-of-text token"):
+        tokenizer.make_tokenizer("bytes", add_bos=True)
+    # transformers' tokenizer_config.json beside it names the eos token.
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|begin_of_text|>"}')
+    assert tokenizer.HFTokenizer(str(tmp_path / "tokenizer.json")).eos_id == reference.token_to_id("<|begin_of_text|>")
+    (tmp_path / "tokenizer_config.json").unlink()
+
+    cfg = text_cfg(data_dir, seq_len=32, tokenizer=str(tmp_path / "tokenizer.json"), vocab_size=400)
+    batch = next(iter(data.make_eval_batches(cfg, 16)))
+    assert batch["inputs"].shape == (16, 32) and batch["inputs"].max() < 400
+    assert (batch["inputs"] == tok.eos_id).any()  # documents end with the tokenizer's eos
+    np.testing.assert_array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
+
+
+@pytest.mark.parametrize("pack_mode", ["cache", "stream"])
+def test_document_mask_fields_follow_the_end_of_document_ids(data_dir, pack_mode):
+    cfg = text_cfg(data_dir, seq_len=64, pack_mode=pack_mode, document_mask=True)
+    eos = tokenizer.ByteTokenizer.eos_id
+    batch = next(b for b in data.make_eval_batches(cfg, 8) if (b["inputs"] == eos).any())  # a document ends
+    inputs, seg, pos, mask = batch["inputs"], batch["segment_ids"], batch["positions"], batch["mask"]
+    for row in range(len(inputs)):
+        for t in range(1, inputs.shape[1]):
+            if seg[row, t] == 0:  # padding
+                continue
+            new_doc = inputs[row, t - 1] == eos
+            assert seg[row, t] == seg[row, t - 1] + new_doc and pos[row, t] == (0 if new_doc else pos[row, t - 1] + 1)
+        assert (mask[row][inputs[row] == eos] == 0).all()
+    off = text_cfg(data_dir, seq_len=64, pack_mode=pack_mode, document_mask=False)
+    plain = next(b for b in data.make_eval_batches(off, 8)
+                 if (b["inputs"] == eos).any())
+    np.testing.assert_array_equal(plain["inputs"], inputs)  # the same windows, only the extra fields
+    assert "segment_ids" not in plain
+
+
+def test_hugging_face_tokenizer_errors_are_one_line(tmp_path):
+    from train.errors import UserError
+
+    (tmp_path / "not_a_tokenizer.json").write_text('{"hello": 1}')
+    with pytest.raises(UserError, match="is not a Hugging Face tokenizer.json"):
+        tokenizer.HFTokenizer(str(tmp_path / "not_a_tokenizer.json"))
+    with pytest.raises(UserError, match="cannot be read"):
+        tokenizer.HFTokenizer(str(tmp_path / "missing.json"))
+    train_hf_bpe(tmp_path / "no_eos.json", special=("<pad>",))
+    with pytest.raises(UserError, match="no end-of-text token"):
+        tokenizer.HFTokenizer(str(tmp_path / "no_eos.json"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(UserError, match="without tokenizer.json"):
+        tokenizer.make_tokenizer(str(tmp_path / "empty_dir"))
+
+
 def test_sentencepiece_tokenizer_roundtrip_and_pipeline(data_dir, tmp_path):
     import sentencepiece as spm
 
@@ -288,7 +360,7 @@ def test_sentencepiece_tokenizer_roundtrip_and_pipeline(data_dir, tmp_path):
         sentence_iterator=iter(sample.splitlines()), model_prefix=prefix, vocab_size=300,
         model_type="bpe", character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, user_defined_symbols=["\n"], minloglevel=2, num_threads=1)
-    tok = preprocess.make_tokenizer(prefix + ".model")
+    tok = tokenizer.make_tokenizer(prefix + ".model")
     assert tok.vocab_size == 300 and tok.eos_id >= 0
     for _, text in files[:5]:
         chunk = text[:3000]
@@ -326,7 +398,7 @@ def test_eval_batches_cover_split_exactly_once(data_dir):
         assert_batches_equal(ref, {key: np.concatenate([parts[0][k][key], parts[1][k][key]])
                                    for key in ref})
 
-    tcfg = text_cfg(data_dir, seq_len=32)
+    tcfg = text_cfg(data_dir, seq_len=32, document_mask=False)  # every target counted
     n = data.num_examples(tcfg, "validation")
     tb = list(data.make_eval_batches(tcfg, 32))
     assert len(tb) == -(-n // 32)
@@ -337,7 +409,7 @@ def test_eval_batches_cover_split_exactly_once(data_dir):
 
 # ----------------------------------------------------------------------------- synthetic
 def test_synthetic_shapes_and_determinism():
-    cfg = data.default_data_config("synthetic")
+    cfg = data_config("synthetic")
     cfg.image_size, cfg.num_classes = 16, 7
     a, b = next(data.make_train_iterator(cfg, 8, 0)), next(data.make_train_iterator(cfg, 8, 0))
     assert a["image"].shape == (8, 16, 16, 3) and a["image"].dtype == np.float32
@@ -378,18 +450,18 @@ def test_image_ops():
 
 
 def test_default_config_presets():
-    c = data.default_data_config()
+    c = data_config()
     assert (c.name, c.kind, c.image_size, c.channels, c.num_classes) == ("digits", "image", 8, 1, 10)
     assert c.data_dir is None and c.tokenizer == "bytes" and c.num_workers == 0
     assert tuple(c.augment.crop_scale) == (0.08, 1.0)
-    i = data.default_data_config("imagenet2012")
+    i = data_config("imagenet2012")
     assert (i.image_size, i.channels, i.num_classes, i.eval_split) == (224, 3, 1000, "validation")
     assert i.augment.random_resized_crop and i.augment.flip
-    t = data.default_data_config("python_stdlib_text")
+    t = data_config("python_stdlib_text")
     assert t.kind == "text" and t.eval_split == "validation"
     t.data_dir = "/somewhere"  # None-valued fields accept strings later.
     with pytest.raises(ValueError, match="tokenizer"):
-        preprocess.make_tokenizer("")
+        tokenizer.make_tokenizer("")
 
 
 # ----------------------------------------------------------------------------- devices
@@ -397,7 +469,7 @@ def test_to_global_batch_shards_batch_dim_over_data_and_fsdp(data_dir):
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
     local = next(data.make_train_iterator(image_cfg(data_dir), 16, 0))
-    arrays = data.to_global_batch(local, mesh)
+    arrays = mesh_lib.to_global_batch(local, mesh)
     expected = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     for k, arr in arrays.items():
         assert isinstance(arr, jax.Array) and arr.shape == local[k].shape
@@ -405,5 +477,5 @@ def test_to_global_batch_shards_batch_dim_over_data_and_fsdp(data_dir):
         assert {s.data.shape[0] for s in arr.addressable_shards} == {4}
         np.testing.assert_array_equal(np.asarray(arr), local[k])
     text = next(data.make_train_iterator(text_cfg(data_dir), 8, 0))
-    arr = data.to_global_batch(text, mesh, PartitionSpec("data"))["inputs"]
+    arr = mesh_lib.to_global_batch(text, mesh, PartitionSpec("data"))["inputs"]
     assert arr.sharding.spec == PartitionSpec("data") and arr.shape == (8, 32)

@@ -129,7 +129,7 @@ def test_sharded_forward_matches_single_device():
     with partitioning.sharding_context(mesh):
         abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
         graphdef, abstract_state = nnx.split(abstract)
-        shardings = partitioning.state_shardings(abstract_state, mesh)
+        shardings = partitioning.variable_shardings(abstract_state, mesh)
 
         def init():
             return nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)))
@@ -237,3 +237,42 @@ def test_train_flops_per_token_matches_xla_cost_analysis():
     measured = cost["flops"] / (batch * seq)
     predicted = train_flops_per_token(cfg, seq, causal=False)  # XLA computes every score
     assert abs(measured / predicted - 1) < 0.10, (measured, predicted)
+
+
+@pytest.mark.parametrize("attention", ["xla", "splash_interpret"])
+def test_packed_documents_lose_what_each_document_loses_alone(attention):
+    """Document masking (train.preprocess.lm_example with eos_id): the per-token loss of a
+    window packing three documents equals each document's loss run alone, and the target
+    after each end of document is masked out."""
+    from train.preprocess import lm_example
+
+    eos = 255
+    cfg = decoder_config("tiny", attention=attention, dtype=jnp.float32)
+    model = build(cfg)
+    rng = np.random.default_rng(0)
+    docs = [np.append(rng.integers(0, 250, n), eos) for n in (5, 9, 3)]
+    window = np.concatenate(docs + [rng.integers(0, 250, 4)])[:33]  # the 4th document is cut
+    ex = lm_example(window, eos_id=eos)
+    assert ex["segment_ids"].tolist()[:19] == [1] * 6 + [2] * 10 + [3] * 3
+    assert ex["positions"].tolist()[:19] == list(range(6)) + list(range(10)) + list(range(3))
+
+    @nnx.jit
+    def logits_of(model, inputs, positions, segment_ids):
+        return model.logits(model.hidden(inputs, positions, segment_ids))[0]
+
+    def per_token_nll(inputs, targets, positions=None, segment_ids=None):
+        as_batch = lambda x: None if x is None else jnp.asarray(x)[None]  # noqa: E731
+        with partitioning.sharding_context(None):
+            logits = logits_of(model, as_batch(inputs), as_batch(positions), as_batch(segment_ids))
+        return np.asarray(-jax.nn.log_softmax(logits)[np.arange(len(targets)), targets])
+
+    packed = per_token_nll(ex["inputs"], ex["targets"], ex["positions"], ex["segment_ids"])
+    start = 0
+    for doc in docs:
+        alone = per_token_nll(doc[:-1], doc[1:])
+        np.testing.assert_allclose(packed[start:start + len(doc) - 1], alone, rtol=2e-5, atol=2e-5)
+        assert ex["mask"][start + len(doc) - 1] == 0  # eos -> next document's first token: skipped
+        assert ex["mask"][start:start + len(doc) - 1].all()
+        start += len(doc)
+    # Without the segment ids and positions the same window's losses differ (attention crosses).
+    assert not np.allclose(per_token_nll(ex["inputs"], ex["targets"])[6:15], packed[6:15], atol=1e-4)

@@ -1,5 +1,5 @@
 """Distributed Lion (lion_optax.distributed_lion) under shard_map on 8 CPU devices, the
-HLO communication count (train.hlo_comm), and the trainer with `optimizer.lion.distributed`."""
+HLO communication count (train.analysis.hlo_bytes), and the trainer with `optimizer.lion.distributed`."""
 
 
 import jax
@@ -121,11 +121,11 @@ def test_bad_arguments_are_value_errors():
         tx.update(params, tx.init(params), params)
 
 
-# ------------------------------------------------------------------- train.hlo_comm
+# ------------------------------------------------------------------- train.analysis.hlo_bytes
 
 
 def test_collective_bytes_of_known_collectives():
-    from train.hlo_comm import collective_bytes
+    from train.analysis.hlo_bytes import collective_bytes
 
     def f(x, y):
         return jax.lax.psum(x, "data"), jax.lax.all_gather(y, "data", tiled=True)
@@ -141,7 +141,7 @@ def test_collective_bytes_of_known_collectives():
 
 
 def test_collective_bytes_async_forms_loops_and_group_syntax():
-    from train.hlo_comm import collective_bytes
+    from train.analysis.hlo_bytes import collective_bytes
 
     text = """HloModule m, num_partitions=8
 %body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
@@ -184,7 +184,7 @@ ENTRY %main (a: bf16[16], b: f32[256]) -> bf16[128] {
 def test_hbm_bytes_skips_vmem_buffers_and_bookkeeping():
     """A TPU-style program: p (f32, 4 KiB) is staged into VMEM by an async copy, then one
     fusion reads it from VMEM plus g from HBM and writes its result to HBM."""
-    from train.hlo_comm import hbm_bytes
+    from train.analysis.hlo_bytes import hbm_bytes
 
     text = """HloModule m
 ENTRY %main (p: f32[1024], g: f32[1024]) -> f32[1024] {
@@ -202,7 +202,7 @@ ENTRY %main (p: f32[1024], g: f32[1024]) -> f32[1024] {
 
 
 def test_hbm_sizes_include_tile_padding():
-    from train.hlo_comm import shape_bytes
+    from train.analysis.hlo_bytes import shape_bytes
 
     assert shape_bytes("f32[1000,1]{1,0:T(8,128)}", hbm_only=True) == 1000 * 128 * 4  # a column
     assert shape_bytes("f32[1000,1]{0,1:T(1,128)}", hbm_only=True) == 1024 * 4  # lane-major
@@ -220,11 +220,11 @@ def tiny_lm_config(vote="majority", **overrides):
 
 
 def compiled_comm(config):
-    from train import aot, hlo_comm
-    from train import mesh as mesh_lib
+    from train import setup
+    from train.analysis import hlo_bytes
 
-    _, _, lowered = aot._lowered_train_step(config, mesh_lib.make_mesh(config.mesh))
-    return hlo_comm.collective_bytes(lowered.compile().as_text())["total"]
+    lowered = setup.build(config).lower_train_step()
+    return hlo_bytes.collective_bytes(lowered.compile().as_text())["total"]
 
 
 def test_train_step_communicates_16x_less_than_lion():
@@ -247,7 +247,7 @@ def test_nonfinite_on_one_worker_skips_the_step_on_all():
         return (loss, {}), grads
 
     mesh = mesh_of()
-    step = dlion.make_train_step(grad_fn, tx, lambda s: 0.1, "data")
+    step = dlion.make_voting_train_step(grad_fn, tx, lambda s: 0.1, "data")
     state = steps.TrainState(jnp.zeros([], jnp.int32), params,
                              dlion.for_every_worker(tx.init(params), N), jax.random.PRNGKey(0))
     x = np.ones((16, 4), np.float32)
@@ -258,7 +258,7 @@ def test_nonfinite_on_one_worker_skips_the_step_on_all():
     assert metrics["nonfinite"] == 1 and not np.isfinite(metrics["loss"])
     np.testing.assert_array_equal(bad.params["w"], params["w"])
     np.testing.assert_array_equal(bad.opt_state.notfinite_count, np.ones(N))
-    # The count still advances (train.steps.count_skipped_step), so schedules follow the step.
+    # The count still advances (train.nonfinite.count_skipped_step), so schedules follow the step.
     np.testing.assert_array_equal(bad.opt_state.inner_state.count, np.ones(N))
     np.testing.assert_allclose(good.params["w"], 0.9 * np.ones(4))
     assert good.opt_state.inner_state.mu["w"].shape == (N, 4)

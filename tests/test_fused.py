@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 import lion_optax
 from lion_optax import fused
 from lion_optax.fused import kernel_dma_bytes
-from train import hlo_comm, optim, trainer
+from train import optim, trainer
+from train.analysis import hlo_bytes
 from train.errors import ConfigError
 
 SHAPES = {"w": (70, 300), "stack": (5, 3, 40), "bias": (300,), "gain": (), "proj": (64, 128)}
@@ -117,7 +118,7 @@ def test_sharded_apply_runs_per_shard(case):
     _assert_same(p, state, ref_p, ref_state)
     assert state.mu["w"].sharding.is_equivalent_to(NamedSharding(mesh, mspec), len(shape))
     hlo = step.lower(put(grads_seq[0], pspec), state, p).compile().as_text()
-    comm = hlo_comm.collective_bytes(hlo)
+    comm = hlo_bytes.collective_bytes(hlo)
     if case in ("rows", "rows_and_stack"):
         assert comm["total"]["count"] == 0, comm  # each device updates its own rows
     elif case == "last_axis_split":
@@ -201,8 +202,8 @@ def test_tpu_kernel_moves_14_bytes_per_param(shape):
     # BlockSpecs, and the custom call's operands and results in the optimized HLO.
     dma = kernel_dma_bytes(*shape)
     assert 14.0 <= dma / n <= 14.5
-    assert hlo_comm.hbm_bytes(fused.as_text()) / n <= 14.5
-    assert hlo_comm.hbm_bytes(plain.as_text()) / n >= 18.5
+    assert hlo_bytes.hbm_bytes(fused.as_text()) / n <= 14.5
+    assert hlo_bytes.hbm_bytes(plain.as_text()) / n >= 18.5
     # theta, momentum and scales are updated in place: only the scales' lane-major copies
     assert fused.memory_analysis().temp_size_in_bytes <= 4 * 8 * shape[0]
 
@@ -225,7 +226,7 @@ def test_cost_analysis_of_the_kernel_is_its_own_estimate(monkeypatch):
     scaled = _compiled_step(opt, params, state, True)
     ratio = scaled.cost_analysis()["bytes accessed"] / honest.cost_analysis()["bytes accessed"]
     assert ratio > 5, ratio
-    assert hlo_comm.hbm_bytes(scaled.as_text()) == hlo_comm.hbm_bytes(honest.as_text())
+    assert hlo_bytes.hbm_bytes(scaled.as_text()) == hlo_bytes.hbm_bytes(honest.as_text())
 
 
 def test_tpu_kernel_runs_on_each_chips_rows():
@@ -238,8 +239,8 @@ def test_tpu_kernel_runs_on_each_chips_rows():
     params, state = _abstract(opt, shape, rows)
     text = _compiled_step(opt, params, state, True, {"w": rows}).as_text()
     assert text.count("tpu_custom_call") == 1
-    assert hlo_comm.collective_bytes(text)["total"]["count"] == 0
-    assert hlo_comm.hbm_bytes(text) / (shape[0] * shape[1] // 4) <= 14.5
+    assert hlo_bytes.collective_bytes(text)["total"]["count"] == 0
+    assert hlo_bytes.hbm_bytes(text) / (shape[0] * shape[1] // 4) <= 14.5
 
 
 def test_fused_apply_config_errors():

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from configs import common
 from train import optim
@@ -12,10 +11,10 @@ from train.errors import ConfigError
 
 
 def _opt_cfg(name, schedule="constant"):
-    return ConfigDict(dict(
-        name=name, schedule=schedule, warmup_steps=0, end_lr_fraction=0.0, grad_clip_norm=1.0,
-        decay_embeddings=True, lion=common.lion(0.01, 2.0), adamw=common.adamw(0.01, 2.0),
-        adafactor=common.adafactor(0.01, 2.0)))
+    cfg = common.base_config().optimizer  # every key the trainer reads, with its default
+    cfg.update(dict(name=name, schedule=schedule, warmup_steps=0))
+    cfg.lion, cfg.adamw, cfg.adafactor = common.lion(0.01, 2.0), common.adamw(0.01, 2.0), common.adafactor(0.01, 2.0)
+    return cfg
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)

@@ -1,9 +1,16 @@
 """The README's first command: Lion trains the digits MLP and uses a quarter of AdamW's state."""
 
+import importlib.util
+import os
+
 import optax
 
 import lion_optax
-from train import quickstart
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "quickstart.py")
+_spec = importlib.util.spec_from_file_location("quickstart", _PATH)
+quickstart = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quickstart)
 
 
 def test_quickstart_lion_learns_digits_with_quarter_of_adamw_state():

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from _util import (REPO, assert_resumed_at, cli_flags, cpu_env, read_metrics, run_trainer, run_two_processes,
-                   start_trainer, starts, tiny_lm, train_losses)
+                   start_trainer, starts, tiny_lm, train_hf_bpe, train_losses)
 
 from train import trainer
 from train.errors import TrainingHalted
@@ -98,16 +98,11 @@ def test_resume_on_a_different_mesh(tmp_path, tmp_path_factory):
     assert starts(workdir) == [0, 4]
     assert_resumed_at(workdir, 4)
     # The checkpoint restored onto the 2x4 mesh holds exactly the saved values.
-    from train import checkpoint, optim, steps, tasks
-    from train import mesh as mesh_lib
+    from train import checkpoint, setup
     from train.data import make_train_iterator
 
     config = tiny_lm(**{"mesh.data": 2, "mesh.fsdp": 4})
-    mesh = mesh_lib.make_mesh(config.mesh)
-    task = tasks.make_task(config)
-    tx, _ = optim.make_optimizer(config.optimizer, config.num_steps, optim.decay_mask(task, config.optimizer))
-    _, abstract = steps.abstract_model(task, mesh, None)
-    target = steps.abstract_state(abstract, steps.state_shardings(abstract, tx, mesh), tx)
+    target = setup.build(config).abstract_state
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), 2, 0)
     restored = ckpt.restore(4, target, make_train_iterator(config.data, 16, 0))
     ckpt.close()
@@ -292,6 +287,8 @@ BAD_INPUT = [
     (["--config.init_from=x"], "unknown config key config.init_from"),
     (["--config.data.tokenizer=/nonexistent/sp.model"], "data.tokenizer /nonexistent/sp.model cannot be read"),
     (["--config.data.tokenizer=README.md"], "data.tokenizer README.md is not a SentencePiece .model file"),
+    (["--config.data.tokenizer=benchmarks/results/compare_optimizers.json"],
+     "is not a Hugging Face tokenizer.json"),
     (["--config.data.eval_split=nosuch", "--config.eval_every=1"], "Unknown split 'nosuch'"),
 ]
 
@@ -316,6 +313,17 @@ def test_large_lm_without_a_tokenizer_is_one_line(tmp_path, variant):
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
     assert "data.tokenizer is not set" in errors[0] and "Traceback" not in result.stderr
     assert not workdir.exists()
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_one_line(tmp_path):
+    train_hf_bpe(tmp_path / "tokenizer.json", vocab_size=400)
+    workdir = tmp_path / "never_created"
+    result = run_trainer("--config=configs/lm.py:demo", f"--workdir={workdir}", *cli_flags(num_steps=2),
+                         f"--config.data.tokenizer={tmp_path / 'tokenizer.json'}")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert "data.vocab_size=257 is smaller than the vocabulary" in errors[0] and "set data.vocab_size >= 400" in errors[0]
+    assert "Traceback" not in result.stderr and not workdir.exists()
 
 
 def test_checkpoint_write_failure_is_one_line_and_keeps_older_checkpoints(tmp_path):

@@ -5,20 +5,12 @@ import os
 
 import numpy as np
 import pytest
-from _util import assert_resumed_at, read_metrics, run_trainer, run_two_processes, starts, tiny_lm, train_losses
+from _util import (assert_resumed_at, read_metrics, run_trainer, run_two_processes, starts, tiny_lm, tiny_vit,
+                   train_losses)
 
-from configs import vit as vit_configs
-from train import aot, trainer
+from train import aot, setup, trainer
 from train import mesh as mesh_lib
 from train.errors import ConfigError
-
-
-def tiny_vit(**overrides):
-    c = vit_configs.get_config("demo")
-    c.model.update(dict(width=32, depth=2, mlp_dim=64, num_heads=2))
-    c.update(dict(num_steps=4, batch_size=16, log_every=1, eval_every=4, checkpoint_every=4))
-    c.update_from_flattened_dict(overrides)
-    return c
 
 
 def test_lm_trains_resumes_exactly_and_logs(tmp_path):
@@ -48,7 +40,7 @@ def test_lm_trains_resumes_exactly_and_logs(tmp_path):
 def test_eval_pipeline_is_built_once_per_run(tmp_path, monkeypatch, pack_mode):
     """Tokenizer, token source and eval pipeline are built once, however many evals run."""
     from train import data as data_lib
-    from train import preprocess
+    from train import preprocess, tokenizer
 
     counts = {}
 
@@ -58,14 +50,14 @@ def test_eval_pipeline_is_built_once_per_run(tmp_path, monkeypatch, pack_mode):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(preprocess, "ByteTokenizer", counted("tokenizer", preprocess.ByteTokenizer))
+    monkeypatch.setattr(tokenizer, "ByteTokenizer", counted("tokenizer", tokenizer.ByteTokenizer))
     monkeypatch.setattr(data_lib, "data_source", counted("source", data_lib.data_source))
     monkeypatch.setattr(preprocess, "WindowSource", counted("source", preprocess.WindowSource))
     monkeypatch.setattr(data_lib, "make_eval_batches", counted("eval", data_lib.make_eval_batches))
     per_run = {}
     for evals in (1, 4):
         counts.clear()
-        getattr(preprocess.make_tokenizer, "cache_clear", lambda: None)()  # a fresh build per run
+        tokenizer._load.cache_clear()  # a fresh build per run
         trainer.run(tiny_lm(num_steps=evals, eval_every=1, checkpoint_every=0,
                             **{"data.pack_mode": pack_mode}), str(tmp_path / f"{pack_mode}{evals}"))
         per_run[evals] = dict(counts)
@@ -121,24 +113,19 @@ def _reference_and_step_grads(config, transform):
     import optax
     from flax import nnx
 
-    from models import partitioning
     from train import data as data_lib
-    from train import optim, steps, tasks
+    from train import setup
 
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = partitioning.DEFAULT_RULES
-    task = tasks.make_task(config)
-    tx, _ = optim.make_optimizer(config.optimizer, config.num_steps, None)
-    graphdef, abstract = steps.abstract_model(task, mesh, rules)
-    shardings = steps.state_shardings(abstract, tx, mesh)
-    params = steps.init_state(task, tx, shardings, mesh, rules, 0).params
+    built = setup.build(config)
+    mesh, task, graphdef, abstract = built.mesh, built.task, built.graphdef, built.abstract_params
+    params = built.init_state().params
     local = next(data_lib.make_train_iterator(config.data, config.batch_size, 0))
     rng = jax.random.PRNGKey(1)
     host_params = jax.tree.map(np.asarray, params)
     reference = jax.jit(jax.grad(lambda p: task.loss(nnx.merge(graphdef, p), local, rng)[0]))(host_params)
     grad_fn = transform(task, graphdef, abstract)
-    with partitioning.sharding_context(mesh, rules):
-        _, grads = jax.jit(grad_fn)(params, data_lib.to_global_batch(local, mesh), rng)
+    with built.context():
+        _, grads = jax.jit(grad_fn)(params, mesh_lib.to_global_batch(local, mesh), rng)
     assert float(optax.global_norm(reference)) > 0
     return jax.tree.map(np.asarray, reference), jax.tree.map(np.asarray, grads)
 
@@ -197,7 +184,8 @@ def test_zero_sharded_optimizer_state_matches_and_reduce_scatters(tmp_path, mesh
     collectives = {}
     for flag in (False, True):
         config = tiny_lm(**{**mesh, "optimizer.shard_state_over_data": flag})
-        _, state, lowered = aot._lowered_train_step(config, mesh_lib.make_mesh(config.mesh))
+        built = setup.build(config)
+        state, lowered = built.abstract_state, built.lower_train_step()
         hlo = lowered.compile().as_text()
         collectives[flag] = (aot._shard_bytes(state.opt_state),
                              {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")

@@ -252,7 +252,7 @@ def test_sharded_forward_matches_single_device(scan_layers):
 
     mesh = make_mesh()
     graphdef, state = nnx.split(model)
-    shardings = partitioning.state_shardings(nnx.eval_shape(lambda: state), mesh)
+    shardings = partitioning.variable_shardings(nnx.eval_shape(lambda: state), mesh)
     sharded = nnx.merge(graphdef, jax.device_put(state, shardings))
 
     lead = (None,) if scan_layers else ()

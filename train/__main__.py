@@ -47,10 +47,10 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # keep orbax/grain INFO chatter off the console
     _quiet_orbax_failures()
-    from train import distributed, trainer
+    from train import multihost, trainer
 
     try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         trainer.run(_CONFIG.value, _WORKDIR.value)
     except UserError as e:
         cli.fail(str(e))

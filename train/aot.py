@@ -8,16 +8,20 @@ Needs libtpu (`pip install -e '.[tpu]'`); nothing touches a chip. Prints paramet
 per-chip bytes of params / optimizer state / temporaries / total against the chip's HBM,
 whether it fits, FLOPs per step, and a roofline estimate of step time and MFU. Exits 1
 when the step does not fit, 2 on bad input.
+
+`compile_report` from another program needs the CLI's environment set before jax loads:
+JAX_PLATFORMS=cpu, TPU_ACCELERATOR_TYPE (any TPU type; libtpu then never looks for a chip)
+and ALLOW_MULTIPLE_LIBTPU_LOAD=1, as `benchmarks/common.py` and `tests/conftest.py` do.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")  # libtpu must not open a chip
-# Compile-only use of libtpu: several processes may load it at once.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+if __name__ == "__main__":  # the CLI only compiles: jax on CPU, and libtpu never opens a chip
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiling processes at once
 
 import json  # noqa: E402
 import math  # noqa: E402
@@ -29,9 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from models import partitioning  # noqa: E402
-from train import cli, hardware, optim, steps, tasks  # noqa: E402
-from train import mesh as mesh_lib  # noqa: E402
+from train import cli, hardware, setup  # noqa: E402
 from train.errors import ConfigError, UserError  # noqa: E402
 
 _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
@@ -75,26 +77,7 @@ def _shard_bytes(abstract_tree) -> int:
     return total
 
 
-def _lowered_train_step(config, mesh):
-    """(task, abstract TrainState, lowered jitted train step) of `config` on `mesh`."""
-    task = tasks.make_task(config)
-    tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps,
-                                           optim.decay_mask(task, config.optimizer))
-    rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
-    vote_axis, zero_axis = optim.layout(config, mesh, rules)  # Distributed Lion / ZeRO, or None
-    graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
-    shardings = steps.state_shardings(abstract_params, tx, mesh, vote_axis, zero_axis=zero_axis)
-    state = steps.abstract_state(abstract_params, shardings, tx, vote_axis)
-    batch_sharding = jax.sharding.NamedSharding(mesh, steps.BATCH_SPEC)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
-             for k, v in task.example_batch_shapes(config.batch_size).items()}
-    train_step = steps.jit_train_step(config, task, graphdef, tx, lr_schedule, shardings, abstract_params,
-                                      vote_axis, zero_axis)
-    with partitioning.sharding_context(mesh, rules):
-        return task, state, train_step.lower(state, batch)
-
-
-def _per_step_cost(config, mesh, task) -> tuple[float, float]:
+def _per_step_cost(config, devices, task) -> tuple[float, float]:
     """(FLOPs, HBM bytes) per chip per step from XLA's cost analysis.
 
     cost_analysis counts a loop body once, so scanned layers and gradient accumulation
@@ -109,7 +92,7 @@ def _per_step_cost(config, mesh, task) -> tuple[float, float]:
             probe.model.scan_layers = False
             probe.batch_size = config.batch_size // config.grad_accum_steps
             probe.grad_accum_steps = 1
-        cost = _lowered_train_step(probe, mesh)[2].compile().cost_analysis() or {}
+        cost = setup.build(probe, devices).lower_train_step().compile().cost_analysis() or {}
         costs.append((float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))))
     (f1, b1), (f2, b2) = costs
     depth = task.num_layers
@@ -124,10 +107,9 @@ def compile_report(config, topology: str, num_slices: int = 1, *, roofline: bool
     roofline needs (memory and fit are always reported).
     """
     devices, chip = topology_devices(topology, num_slices)
-    mesh = mesh_lib.make_mesh(config.mesh, devices)
-    num_hosts = len({d.process_index for d in devices})
-    mesh_lib.check_batch(config.batch_size, config.grad_accum_steps, mesh, num_hosts)
-    task, state, lowered = _lowered_train_step(config, mesh)
+    built = setup.build(config, devices)
+    mesh, task, state = built.mesh, built.task, built.abstract_state
+    lowered = built.lower_train_step()
     report = {
         "topology": topology if num_slices == 1 else f"{num_slices} x {topology}", "chips": len(devices), "device_kind": devices[0].device_kind,
         "mesh": dict(mesh.shape),
@@ -159,7 +141,7 @@ def compile_report(config, topology: str, num_slices: int = 1, *, roofline: bool
     if not roofline:
         return report
     flops = task.flops_per_example() * config.batch_size
-    xla_flops, hbm_bytes = _per_step_cost(config, mesh, task)
+    xla_flops, hbm_bytes = _per_step_cost(config, devices, task)
     compute_s = flops / (chip.peak_flops * len(devices))
     step_s = max(compute_s, hbm_bytes / chip.hbm_bandwidth)
     report.update(

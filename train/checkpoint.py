@@ -104,14 +104,19 @@ class Checkpointer:
             self.manager.close()
         except Exception:  # noqa: BLE001 - the error being reported
             pass
-        if jax.process_index() == 0:  # stragglers may still be finishing: retry
-            for _ in range(100):
-                try:
-                    for tmp in epath.Path(self.directory).glob("*.orbax-checkpoint-tmp*"):
-                        tmp.rmtree()
+        if jax.process_index() == 0:  # writer threads may still be finishing: until 1 s is quiet
+            quiet = 0
+            for _ in range(200):
+                leftovers = list(epath.Path(self.directory).glob("*.orbax-checkpoint-tmp*"))
+                quiet = 0 if leftovers else quiet + 1
+                if quiet >= 10:
                     break
-                except OSError:
-                    time.sleep(0.1)
+                for tmp in leftovers:
+                    try:
+                        tmp.rmtree()
+                    except OSError:
+                        pass
+                time.sleep(0.1)
         steps = [int(p.name) for p in epath.Path(self.directory).iterdir() if p.name.isdigit()]
         cause = error
         while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:

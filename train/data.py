@@ -36,69 +36,27 @@ supported.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
 import grain
 import jax
-import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from train import preprocess
 from train.datasets import DEFAULT_DATA_DIR, EMBEDDED_DATASETS, DataError, data_source, prepare
-from train.preprocess import BYTE_EOS_ID, BYTE_VOCAB_SIZE, make_tokenizer
+from train.datasets.synthetic import SyntheticSource
+from train.errors import ConfigError
+from train.tokenizer import BYTE_EOS_ID, BYTE_VOCAB_SIZE, make_tokenizer
 
 __all__ = [
     "BYTE_EOS_ID", "BYTE_VOCAB_SIZE", "DEFAULT_DATA_DIR", "DataError", "EvalBatches",
-    "StepIterator", "default_data_config", "get_vocab_size", "make_eval_batches",
-    "make_train_batches", "make_train_iterator", "num_examples", "prepare", "to_global_batch",
+    "StepIterator", "get_vocab_size", "make_eval_batches",
+    "make_train_batches", "make_train_iterator", "num_examples", "prepare",
 ]
 
 _SYNTHETIC_EVAL_SEED = 2**31 - 1
-_PRESETS = {
-    "digits": dict(kind="image", eval_split="test", image_size=8, channels=1, num_classes=10),
-    "python_stdlib_text": dict(kind="text", eval_split="validation"),
-    "imagenet2012": dict(
-        kind="image", eval_split="validation", image_size=224, channels=3, num_classes=1000,
-        eval_crop_fraction=0.875, augment=dict(random_resized_crop=True, flip=True)),
-    "c4": dict(name="c4/en", kind="text", eval_split="validation", seq_len=1024),
-    "synthetic": dict(kind="image", image_size=224, channels=3, num_classes=1000),
-}
-
-
-def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
-    """The ``config.data`` fields with their defaults (adjusted for a few known names)."""
-    c = ml_collections.ConfigDict()
-    c.name = name  # 'digits' | 'python_stdlib_text' | 'synthetic' | any TFDS name
-    c.kind = "image"  # 'image' | 'text'
-    c.data_dir = ml_collections.config_dict.placeholder(str)  # None: ~/.cache/lion_tpu/tensorflow_datasets (embedded), TFDS default
-    c.train_split = "train"
-    c.eval_split = "test"
-    c.image_key, c.label_key, c.text_key = "image", "label", "text"
-    c.image_size = 8
-    c.channels = 1
-    c.num_classes = 10
-    c.augment = ml_collections.ConfigDict(dict(
-        random_resized_crop=False, crop_scale=(0.08, 1.0), aspect_ratio=(3 / 4, 4 / 3),
-        flip=False))
-    c.eval_crop_fraction = 1.0  # eval: center square of this fraction of the short side
-    c.seq_len = 256
-    c.tokenizer = "bytes"  # 'bytes' or path to a SentencePiece .model
-    c.vocab_size = BYTE_VOCAB_SIZE  # synthetic text only; real: from the tokenizer
-    c.pack_mode = "auto"  # text: 'cache' (token .npy, map-style) | 'stream' | 'auto'
-    c.num_workers = 0  # grain mp_prefetch worker processes (0 = in-process)
-    c.worker_buffer_size = 2  # batches buffered per worker
-    c.read_threads = 2  # threads computing batches in each process
-    c.prefetch_batches = 4  # batches read ahead per process
-    c.eval_max_batches = ml_collections.config_dict.placeholder(int)  # cap on eval batches (None = whole split)
-    c.synthetic_eval_examples = 512
-    preset = dict(_PRESETS.get(name.split("/")[0], {}))
-    c.augment.update(preset.pop("augment", {}))
-    c.update(preset)
-    return c
-
-
 # ----------------------------------------------------------------------------- helpers
 def _shard(process_index, process_count) -> grain.sharding.ShardOptions:
     if process_index is None and process_count is None:
@@ -128,7 +86,7 @@ def _is_synthetic(cfg) -> bool:
 def _streaming(cfg) -> bool:
     if cfg.kind != "text" or _is_synthetic(cfg):
         return False
-    mode = cfg.get("pack_mode", "auto")
+    mode = cfg.pack_mode
     if mode == "auto":
         return cfg.name not in EMBEDDED_DATASETS
     if mode not in ("cache", "stream"):
@@ -137,12 +95,12 @@ def _streaming(cfg) -> bool:
 
 
 def _read_options(cfg) -> grain.ReadOptions:
-    return grain.ReadOptions(num_threads=int(cfg.get("read_threads", 2)),
-                             prefetch_buffer_size=int(cfg.get("prefetch_batches", 4)))
+    return grain.ReadOptions(num_threads=int(cfg.read_threads),
+                             prefetch_buffer_size=int(cfg.prefetch_batches))
 
 
 def _maybe_mp(ds: grain.IterDataset, cfg) -> grain.IterDataset:
-    workers = int(cfg.get("num_workers", 0))
+    workers = int(cfg.num_workers)
     if workers <= 0:
         return ds
     from absl import flags
@@ -152,77 +110,63 @@ def _maybe_mp(ds: grain.IterDataset, cfg) -> grain.IterDataset:
         # parsed flags (google/grain#1355); absl.app-based trainers are unaffected.
         flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=int(cfg.get("worker_buffer_size", 2))))
+        num_workers=workers, per_worker_buffer_size=int(cfg.worker_buffer_size)))
 
 
 def get_vocab_size(cfg) -> int:
     """Token vocabulary of a text config (synthetic: ``cfg.vocab_size``)."""
-    return int(cfg.vocab_size) if _is_synthetic(cfg) else make_tokenizer(cfg.tokenizer).vocab_size
+    return int(cfg.vocab_size) if _is_synthetic(cfg) else _tokenizer(cfg).vocab_size
 
 
 def _check_text_config(cfg) -> None:
     """Fails early when ``cfg.vocab_size`` (used to size the model) is below the tokenizer's."""
     if cfg.kind != "text" or _is_synthetic(cfg):
         return
-    need, have = get_vocab_size(cfg), cfg.get("vocab_size", None)
+    need, have = get_vocab_size(cfg), cfg.vocab_size
     if have is not None and int(have) < need:
-        raise ValueError(f"data.vocab_size={have} is smaller than the vocabulary of tokenizer "
-                         f"{cfg.tokenizer!r} ({need}); set data.vocab_size >= {need}")
+        raise ConfigError(f"data.vocab_size={have} is smaller than the vocabulary of tokenizer "
+                          f"{cfg.tokenizer!r} ({need}); set data.vocab_size >= {need}")
 
 
-class SyntheticSource:
-    """Random examples of the configured shapes; item i depends only on (stream_seed, i)."""
-
-    def __init__(self, cfg, length: int, stream_seed: int):
-        self.kind, self.length, self.stream_seed = cfg.kind, int(length), int(stream_seed)
-        self.image_shape = (int(cfg.image_size),) * 2 + (int(cfg.channels),)
-        self.num_classes, self.seq_len = int(cfg.num_classes), int(cfg.seq_len)
-        self.vocab_size = int(cfg.vocab_size)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.stream_seed, int(i)])
-        if self.kind == "image":
-            return {"image": rng.uniform(-1, 1, self.image_shape).astype(np.float32),
-                    "label": np.int32(rng.integers(self.num_classes))}
-        return preprocess.lm_example(rng.integers(0, self.vocab_size, self.seq_len + 1))
+def _tokenizer(cfg):
+    return make_tokenizer(cfg.tokenizer, bool(cfg.add_bos))
 
 
-class _Tokenize:
-    """Document record -> {"tokens": ids + [eos]} (for streaming packing)."""
-
-    def __init__(self, tokenizer, text_key):
-        self.tokenizer, self.text_key = tokenizer, text_key
-
-    def __call__(self, record):
-        ids = self.tokenizer.encode(record[self.text_key])
-        return {"tokens": np.append(ids, np.int32(self.tokenizer.eos_id)).astype(np.int32)}
+def _eos_for_masking(cfg) -> int | None:
+    """The id that ends documents when `data.document_mask` is on (else None)."""
+    return _tokenizer(cfg).eos_id if cfg.document_mask else None
 
 
-def _packed_to_lm(packed):
-    return preprocess.lm_example(packed["tokens"], packed["tokens_segment_ids"] != 0)
+def _check_num_classes(cfg, builder) -> None:
+    """ConfigError when the dataset's labels do not fit the model's `data.num_classes`."""
+    feature = builder.info.features[cfg.label_key] if cfg.label_key in builder.info.features else None
+    have = getattr(feature, "num_classes", None)
+    if have is not None and have > int(cfg.num_classes):
+        raise ConfigError(f"dataset {cfg.name!r} has {have} classes but data.num_classes={cfg.num_classes}; "
+                          f"set --config.data.num_classes={have}")
 
 
 def _examples(cfg, split: str, *, train: bool):
     """(random-access source, per-example fn, fn is random) for a map-style split."""
     if cfg.kind == "image":
-        src = data_source(prepare(cfg.name, cfg.data_dir), split)
+        builder = prepare(cfg.name, cfg.data_dir)
+        _check_num_classes(cfg, builder)
+        src = data_source(builder, split)
         if train:
             a = cfg.augment
             return src, preprocess.TrainImageTransform(
                 cfg.image_size, cfg.channels, random_resized_crop=a.random_resized_crop,
-                crop_scale=a.crop_scale, aspect_ratio=a.get("aspect_ratio", (3 / 4, 4 / 3)),
+                crop_scale=a.crop_scale, aspect_ratio=a.aspect_ratio,
                 flip=a.flip, image_key=cfg.image_key, label_key=cfg.label_key), True
         return src, preprocess.EvalImageTransform(
-            cfg.image_size, cfg.channels, crop_fraction=cfg.get("eval_crop_fraction", 1.0),
+            cfg.image_size, cfg.channels, crop_fraction=cfg.eval_crop_fraction,
             image_key=cfg.image_key, label_key=cfg.label_key), False
     if cfg.kind == "text":
         builder = prepare(cfg.name, cfg.data_dir)
-        tok = make_tokenizer(cfg.tokenizer)
-        path = preprocess.cached_token_stream(builder, split, tok, cfg.get("text_key", "text"))
-        return preprocess.WindowSource(path, int(cfg.seq_len) + 1), preprocess.lm_example, False
+        tok = _tokenizer(cfg)
+        path = preprocess.cached_token_stream(builder, split, tok, cfg.text_key)
+        return (preprocess.WindowSource(path, int(cfg.seq_len) + 1),
+                functools.partial(preprocess.lm_example, eos_id=_eos_for_masking(cfg)), False)
     raise ValueError(f"data.kind must be 'image' or 'text', got {cfg.kind!r}")
 
 
@@ -260,11 +204,11 @@ def _streaming_train(cfg, b: int, seed: int, shard) -> grain.IterDataset:
     builder = prepare(cfg.name, cfg.data_dir)
     docs = grain.MapDataset.source(data_source(builder, cfg.train_split))
     docs = docs.seed(seed).shuffle().repeat()[shard.shard_index::shard.shard_count]
-    tokens = docs.map(_Tokenize(make_tokenizer(cfg.tokenizer), cfg.get("text_key", "text")))
+    tokens = docs.map(preprocess.TokenizeDocuments(_tokenizer(cfg), cfg.text_key))
     ds = _maybe_mp(tokens.to_iter_dataset(_read_options(cfg)), cfg)
     ds = grain.experimental.ConcatThenSplitIterDataset(
         ds, length_struct={"tokens": int(cfg.seq_len) + 1})
-    return ds.map(_packed_to_lm).batch(b, drop_remainder=True)
+    return ds.map(preprocess.PackedToLM(_eos_for_masking(cfg))).batch(b, drop_remainder=True)
 
 
 class StepIterator(grain.DatasetIterator):
@@ -413,22 +357,22 @@ def make_eval_batches(data_cfg, global_batch_size: int, *, process_index=None,
     shard = _shard(process_index, process_count)
     b = _local_batch_size(global_batch_size, shard)
     _check_text_config(cfg)
-    cap = cfg.get("eval_max_batches", None)
+    cap = cfg.eval_max_batches
     if _streaming(cfg):
         builder = prepare(cfg.name, cfg.data_dir)
         docs = grain.MapDataset.source(data_source(builder, cfg.eval_split)).map(
-            _Tokenize(make_tokenizer(cfg.tokenizer), cfg.get("text_key", "text")))
+            preprocess.TokenizeDocuments(_tokenizer(cfg), cfg.text_key))
         ds = grain.experimental.ConcatThenSplitIterDataset(
             docs.to_iter_dataset(_read_options(cfg)),
             length_struct={"tokens": int(cfg.seq_len) + 1})
         # Every process packs the same global stream, so all see the same batch count.
-        ds = ds.map(_packed_to_lm).batch(global_batch_size)
+        ds = ds.map(preprocess.PackedToLM(_eos_for_masking(cfg))).batch(global_batch_size)
         ds = ds.map(_GlobalToLocal(global_batch_size, shard))
         if cap:
             ds = grain.experimental.LimitIterDataset(ds, int(cap))
         return EvalBatches(ds, None)
     if _is_synthetic(cfg):
-        n = int(cfg.get("synthetic_eval_examples", 512))
+        n = int(cfg.synthetic_eval_examples)
         examples = grain.MapDataset.source(SyntheticSource(cfg, n, _SYNTHETIC_EVAL_SEED))
     else:
         src, fn, _ = _examples(cfg, cfg.eval_split, train=False)
@@ -443,18 +387,3 @@ def make_eval_batches(data_cfg, global_batch_size: int, *, process_index=None,
     padded = examples.repeat(math.ceil(total / n))[:total].map_with_index(_MaskPadding(n))
     local = padded.batch(b, drop_remainder=True)[shard.shard_index::shard.shard_count]
     return EvalBatches(local, num_batches, _read_options(cfg))
-
-
-# ----------------------------------------------------------------------------- devices
-def to_global_batch(local_batch, mesh: jax.sharding.Mesh, spec: PartitionSpec | None = None):
-    """Process-local numpy batch -> dict of global ``jax.Array``s sharded on the batch dim.
-
-    ``spec`` defaults to ``PartitionSpec(("data", "fsdp"))`` (axes missing from the mesh
-    are dropped); the global batch is the concatenation of all processes' local batches.
-    """
-    if spec is None:
-        axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-        spec = PartitionSpec(axes if axes else None)
-    sharding = NamedSharding(mesh, spec)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}

@@ -36,8 +36,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from train.errors import ConfigError
+from train.mesh import BATCH_AXES
+from train.nonfinite import count_skipped_step, poison_at
 
-BATCH_AXES = ("data", "fsdp")
 
 
 def check_mesh(mesh, axis: str, rules: Sequence[tuple[str, object]]) -> None:
@@ -71,12 +72,10 @@ def for_every_worker(opt_state, num: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x[None], (num,) + x.shape), opt_state)
 
 
-def make_train_step(grad_fn, tx, lr_schedule, axis: str, nan_at_step: int | None = None):
+def make_voting_train_step(grad_fn, tx, lr_schedule, axis: str, nan_at_step: int | None = None):
     """Pure `(state, batch) -> (state, metrics)` like `steps.make_train_step`, with the
     loss, gradients and update of each worker inside `jax.shard_map` over `axis` (the mesh
     comes from the `sharding_context` the step is traced in); see the module doc."""
-    from train.steps import count_skipped_step, poison_at  # steps imports this module
-
     def worker(state, batch):
         opt_state = jax.tree.map(lambda x: x[0], state.opt_state)
         # Workers draw different randomness (e.g. dropout) for their different examples.

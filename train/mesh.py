@@ -15,12 +15,14 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from models.partitioning import MESH_AXES
 from train.errors import ConfigError
 
 DCN_AXES = tuple(f"dcn_{a}" for a in MESH_AXES)
+# The mesh axes the global batch is split over (data parallelism, with FSDP as well).
+BATCH_AXES = ("data", "fsdp")
 
 
 def resolve_mesh_shape(mesh_cfg: Mapping, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
@@ -75,7 +77,7 @@ def make_mesh(mesh_cfg: Mapping, devices: Sequence[jax.Device] | None = None) ->
 
 def batch_axis_size(mesh: Mesh) -> int:
     """Number of shards the global batch is split into (data x fsdp)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def check_batch(global_batch: int, grad_accum_steps: int, mesh: Mesh, process_count: int) -> None:
@@ -94,3 +96,18 @@ def check_batch(global_batch: int, grad_accum_steps: int, mesh: Mesh, process_co
             f"is not divisible by the data-parallel size data x fsdp = {shards}")
     if global_batch % process_count:
         raise ConfigError(f"batch_size {global_batch} is not divisible by the {process_count} processes")
+
+
+def to_global_batch(local_batch, mesh: jax.sharding.Mesh, spec: PartitionSpec | None = None):
+    """Process-local numpy batch -> dict of global ``jax.Array``s sharded on the batch dim.
+
+    ``spec`` defaults to the batch axes, ``PartitionSpec(("data", "fsdp"))`` (axes missing
+    from the mesh are dropped); the global batch is the concatenation of all processes'
+    local batches.
+    """
+    if spec is None:
+        axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+        spec = PartitionSpec(axes if axes else None)
+    sharding = NamedSharding(mesh, spec)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}

@@ -28,6 +28,7 @@ int8 momentum on TPU) through `fused_apply`, on the same optimizer state as the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax
@@ -55,14 +56,14 @@ def decay_mask(task, opt_cfg: Mapping) -> dict:
     same for scanned and unrolled layers."""
     shapes, axes = task.abstract_params()
     return lion_optax.decay_mask(shapes, logical_axes=axes, ignore_axes=NON_FEATURE_AXES,
-                                 decay_embeddings=bool(opt_cfg.get("decay_embeddings", True)))
+                                 decay_embeddings=bool(opt_cfg.decay_embeddings))
 
 
 def make_schedule(peak: float, num_steps: int, opt_cfg: Mapping) -> optax.Schedule:
     """Linear warmup from 0 to `peak`, then cosine / rsqrt / linear decay or constant."""
-    warmup = int(opt_cfg.get("warmup_steps", 0))
-    kind = opt_cfg.get("schedule", "cosine")
-    end = peak * float(opt_cfg.get("end_lr_fraction", 0.0))
+    warmup = int(opt_cfg.warmup_steps)
+    kind = opt_cfg.schedule
+    end = peak * float(opt_cfg.end_lr_fraction)
     if kind not in SCHEDULES:
         raise ConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {kind!r}")
     if warmup < 0:
@@ -85,32 +86,41 @@ def make_schedule(peak: float, num_steps: int, opt_cfg: Mapping) -> optax.Schedu
 def vote_axis(opt_cfg: Mapping) -> str | None:
     """The mesh axis Distributed Lion votes over, or None when it is off (the default);
     raises ConfigError for an unknown `optimizer.lion.distributed` or a bad axis."""
-    lion_cfg = opt_cfg.get("lion") or {}
-    vote = lion_cfg.get("distributed", "")
+    vote = opt_cfg.lion.distributed
     if vote not in DISTRIBUTED:
         raise ConfigError(f"optimizer.lion.distributed must be one of {DISTRIBUTED}, got {vote!r}")
-    axis = lion_cfg.get("vote_axis", "data")
+    axis = opt_cfg.lion.vote_axis
     if not isinstance(axis, str) or not axis:
         raise ConfigError(f"optimizer.lion.vote_axis must be a mesh axis name, got {axis!r}")
-    return axis if vote and opt_cfg.get("name") == "lion" else None
+    return axis if vote and opt_cfg.name == "lion" else None
 
 
-def layout(config, mesh, rules) -> tuple[str | None, str | None]:
-    """(vote axis of Distributed Lion, ZeRO axis of the optimizer state), each None when
-    off; raises ConfigError for a combination the mesh or the other does not allow."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the optimizer state lives beyond the parameters' own sharding; both None
+    (the default) means next to the parameters, replicated over the batch axes."""
+
+    vote_axis: str | None = None  # Distributed Lion: one momentum per worker along this axis
+    zero_axis: str | None = None  # ZeRO-1: the state is also split over this mesh axis
+
+
+def make_layout(config, mesh, rules) -> Layout:
+    """The `Layout` the config asks for (`optimizer.lion.distributed`,
+    `optimizer.shard_state_over_data`); ConfigError for a combination the mesh or the
+    other does not allow."""
     vote = vote_axis(config.optimizer)
-    zero = "data" if config.optimizer.get("shard_state_over_data", False) else None
+    zero = "data" if config.optimizer.shard_state_over_data else None
     if vote is not None:
         dlion.check_mesh(mesh, vote, rules)
         if zero is not None:
             raise ConfigError("optimizer.shard_state_over_data cannot be combined with "
                               "optimizer.lion.distributed (each worker keeps its own momentum)")
-    return vote, zero
+    return Layout(vote_axis=vote, zero_axis=zero)
 
 
 def clip_norm(opt_cfg: Mapping) -> float:
     """`optimizer.grad_clip_norm` as a float (0 = no clipping); ConfigError if negative."""
-    clip = opt_cfg.get("grad_clip_norm") or 0.0
+    clip = opt_cfg.grad_clip_norm or 0.0
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
         raise ConfigError(f"optimizer.grad_clip_norm must be a number >= 0 (0 = no clipping), got {clip!r}")
     return float(clip)
@@ -138,7 +148,7 @@ def make_optimizer(opt_cfg: Mapping, num_steps: int,
     """(optax transform, learning-rate schedule) for `opt_cfg.name`, with global-norm
     clipping and non-finite updates dropped; `mask` (from `decay_mask`) selects the
     parameters that are weight-decayed."""
-    name = opt_cfg.get("name")
+    name = opt_cfg.name
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer.name must be one of {OPTIMIZERS}, got {name!r}")
     clip = clip_norm(opt_cfg)
@@ -183,7 +193,7 @@ def fused_apply(opt_cfg: Mapping, num_steps: int, mask):
     on each device's shard of the state; None unless `optimizer.lion.fused_apply`. It
     reads and writes `make_optimizer`'s state, so checkpoints are interchangeable between
     the two paths."""
-    if opt_cfg.get("name") != "lion" or not (opt_cfg.get("lion") or {}).get("fused_apply", False):
+    if opt_cfg.name != "lion" or not opt_cfg.lion.fused_apply:
         return None
     if vote_axis(opt_cfg) is not None:
         raise ConfigError("optimizer.lion.fused_apply cannot be combined with optimizer.lion.distributed")

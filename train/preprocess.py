@@ -1,4 +1,4 @@
-"""NumPy-only preprocessing for `train.data`: tokenizers, LM packing, ViT image ops.
+"""NumPy-only preprocessing for `train.data`: LM packing and ViT image ops.
 
 Everything here is a pure function of its inputs (images: of the example and an RNG that
 the pipeline derives from (seed, stream position)), so batches are reproducible.
@@ -7,8 +7,6 @@ No TensorFlow and no PIL: resizing is antialiased bilinear done with two small m
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import math
 import os
 import re
@@ -16,107 +14,13 @@ import tempfile
 
 import numpy as np
 
-from train.errors import ConfigError, UserError
-
-BYTE_VOCAB_SIZE = 257  # ids 0..255 are bytes, 256 is end-of-document.
-BYTE_EOS_ID = 256
-
-
-# ----------------------------------------------------------------------------- tokenizers
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255; `eos_id` = 256 separates documents."""
-
-    vocab_size = BYTE_VOCAB_SIZE
-    eos_id = BYTE_EOS_ID
-    cache_tag = "bytes"
-
-    def encode(self, text: str | bytes) -> np.ndarray:
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
-
-    def decode(self, ids) -> str:
-        ids = np.asarray(ids)
-        return bytes(ids[(ids >= 0) & (ids < 256)].astype(np.uint8)).decode("utf-8", "replace")
-
-
-class SentencePieceTokenizer:
-    """A SentencePiece ``.model`` file (local or any ``etils.epath`` path, e.g. gs://).
-
-    Picklable: workers re-read the model from its path and load it lazily.
-    """
-
-    def __init__(self, model_path: str):
-        import sentencepiece as spm
-
-        self.model_path = os.path.expanduser(str(model_path))
-        try:
-            proto = self._read()
-        except Exception as e:  # noqa: BLE001 - missing file, permissions, object store
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"data.tokenizer {model_path} cannot be read: {reason}") from None
-        self.cache_tag = "sp-" + hashlib.sha1(proto).hexdigest()[:12]
-        try:
-            self._sp = spm.SentencePieceProcessor(model_proto=proto)
-        except Exception:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError
-            raise UserError(f"data.tokenizer {model_path} is not a SentencePiece .model file "
-                            f"({len(proto)} bytes that do not parse)") from None
-        if self.eos_id < 0:
-            raise UserError(f"SentencePiece model {model_path} has no eos piece (eos_id=-1)")
-
-    def _read(self) -> bytes:
-        from etils import epath
-
-        return epath.Path(self.model_path).read_bytes()
-
-    @property
-    def sp(self):
-        if self._sp is None:
-            import sentencepiece as spm
-
-            self._sp = spm.SentencePieceProcessor(model_proto=self._read())
-        return self._sp
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.sp.get_piece_size())
-
-    @property
-    def eos_id(self) -> int:
-        return int(self.sp.eos_id())
-
-    def encode(self, text: str | bytes) -> np.ndarray:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
-        return np.asarray(self.sp.encode(text, out_type=int), dtype=np.int32)
-
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in np.asarray(ids).reshape(-1)])
-
-    def __getstate__(self):
-        return {**self.__dict__, "_sp": None}
-
-
-@functools.lru_cache(maxsize=16)
-def make_tokenizer(spec: str):
-    """``'bytes'`` or a path to a SentencePiece model file; read and parsed once per
-    process (cached by `spec`). UserError (one line) for a missing, unreadable or
-    malformed file, ConfigError for an empty `spec`."""
-    if spec in ("bytes", "byte"):
-        return ByteTokenizer()
-    if not spec or not isinstance(spec, str):
-        raise ConfigError("data.tokenizer is not set: give 'bytes' or the path of a SentencePiece "
-                          f".model file (--config.data.tokenizer=PATH), got {spec!r}")
-    return SentencePieceTokenizer(spec)
-
 
 # ----------------------------------------------------------------------------- LM packing
 def pack_documents(docs, tokenizer) -> np.ndarray:
-    """Concatenation of ``tokenizer.encode(doc) + [eos]`` over docs, as int32."""
-    eos = np.array([tokenizer.eos_id], np.int32)
-    parts = []
-    for d in docs:
-        parts += [tokenizer.encode(d), eos]
-    return np.concatenate(parts) if parts else np.zeros([0], np.int32)
+    """Concatenation of ``tokenizer.encode_document(doc)`` (``[bos] + ids + [eos]``) over
+    docs, as int32."""
+    parts = [tokenizer.encode_document(d) for d in docs]
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros([0], np.int32)
 
 
 def _atomic_save(path: str, array: np.ndarray) -> None:
@@ -192,11 +96,46 @@ class WindowSource:
         return f"WindowSource({os.path.basename(self.path)}, window={self.window})"
 
 
-def lm_example(window: np.ndarray, valid: np.ndarray | None = None) -> dict:
-    """A seq_len+1 window -> inputs w[:-1], targets w[1:], mask over valid targets."""
+def lm_example(window: np.ndarray, valid: np.ndarray | None = None, eos_id: int | None = None) -> dict:
+    """A seq_len+1 window -> inputs w[:-1], targets w[1:], mask over valid targets.
+
+    With `eos_id` (document masking) also `segment_ids` (1, 2, ... per document in the
+    window, a document ending with its eos; 0 on padding) and `positions` restarting at 0
+    per document, and the mask drops each target that follows an eos (the first token of
+    the next document, which nothing before it in its own document predicts).
+    """
     w = np.asarray(window, np.int32)
-    mask = np.ones(len(w) - 1, np.float32) if valid is None else valid[1:].astype(np.float32)
-    return {"inputs": w[:-1], "targets": w[1:], "mask": mask}
+    valid = np.ones(len(w), bool) if valid is None else np.asarray(valid, bool)
+    inputs, targets, mask = w[:-1], w[1:], valid[1:].astype(np.float32)
+    if eos_id is None:
+        return {"inputs": inputs, "targets": targets, "mask": mask}
+    ends = inputs == eos_id
+    starts = np.concatenate([[True], ends[:-1]])  # a document starts after each eos
+    segment = np.cumsum(starts).astype(np.int32)
+    first = np.maximum.accumulate(np.where(starts, np.arange(len(inputs)), 0))
+    positions = (np.arange(len(inputs)) - first).astype(np.int32)
+    return {"inputs": inputs, "targets": targets, "mask": mask * ~ends,
+            "segment_ids": np.where(valid[:-1], segment, 0).astype(np.int32), "positions": positions}
+
+
+class TokenizeDocuments:
+    """Document record -> {"tokens": [bos] + ids + [eos]} (for streaming packing)."""
+
+    def __init__(self, tokenizer, text_key):
+        self.tokenizer, self.text_key = tokenizer, text_key
+
+    def __call__(self, record):
+        return {"tokens": self.tokenizer.encode_document(record[self.text_key]).astype(np.int32)}
+
+
+class PackedToLM:
+    """grain map: a packed window (ConcatThenSplit's tokens and segment ids) -> LM example."""
+
+    def __init__(self, eos_id: int | None):
+        self.eos_id = eos_id
+
+    def __call__(self, packed):
+        return lm_example(packed["tokens"], packed["tokens_segment_ids"] != 0, self.eos_id)
 
 
 # ----------------------------------------------------------------------------- images

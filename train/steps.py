@@ -7,7 +7,6 @@ jits, donates and checkpoints without wrappers; the model is rebuilt from the st
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -19,8 +18,11 @@ from jax.sharding import PartitionSpec as P
 
 import lion_optax
 from models import attention, partitioning
-from train import dlion, optim
+from train import dlion
 from train.errors import ConfigError
+from train.mesh import BATCH_AXES
+from train.nonfinite import count_skipped_step, poison_at
+from train.optim import Layout
 
 
 class TrainState(NamedTuple):
@@ -30,7 +32,7 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step)
 
 
-BATCH_SPEC = P(("data", "fsdp"))
+BATCH_SPEC = P(BATCH_AXES)
 
 
 def abstract_model(task, mesh, rules):
@@ -43,22 +45,22 @@ def abstract_model(task, mesh, rules):
     with partitioning.sharding_context(mesh, rules):
         model = nnx.eval_shape(lambda: task.build(nnx.Rngs(0)))
         graphdef, state = nnx.split(model)
-        shardings = partitioning.state_shardings(state, mesh, rules)
+        shardings = partitioning.variable_shardings(state, mesh, rules)
     params = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
         nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
     return graphdef, params
 
 
-def state_shardings(abstract_params, tx, mesh, vote_axis: str | None = None,
-                    zero_axis: str | None = None) -> TrainState:
-    """Shardings of the TrainState. With `vote_axis` (Distributed Lion) every optimizer
+def train_state_shardings(abstract_params, tx, mesh, layout: Layout = Layout()) -> TrainState:
+    """Shardings of the TrainState: the parameters' own, and the optimizer state's from
+    `lion_optax.state_shardings`; with `layout.vote_axis` (Distributed Lion) every optimizer
     state leaf has a leading per-worker axis sharded over it (see `train.dlion`); with
-    `zero_axis` (ZeRO-1) the optimizer state is also split over that mesh axis."""
+    `layout.zero_axis` (ZeRO-1) the optimizer state is also split over that mesh axis."""
     replicated = NamedSharding(mesh, P())
-    opt_state = lion_optax.state_shardings(tx, abstract_params, zero_axis=zero_axis)
-    if vote_axis is not None:
-        opt_state = dlion.worker_shardings(opt_state, vote_axis)
+    opt_state = lion_optax.state_shardings(tx, abstract_params, zero_axis=layout.zero_axis)
+    if layout.vote_axis is not None:
+        opt_state = dlion.worker_shardings(opt_state, layout.vote_axis)
     return TrainState(
         step=replicated,
         params=jax.tree.map(lambda p: p.sharding, abstract_params),
@@ -68,28 +70,27 @@ def state_shardings(abstract_params, tx, mesh, vote_axis: str | None = None,
 
 
 def init_state(task, tx, shardings: TrainState, mesh, rules, seed: int,
-               vote_axis: str | None = None) -> TrainState:
-    """The TrainState created directly in `shardings` by one jitted init (with `vote_axis`,
-    the optimizer state is every worker's, broadcast from one init)."""
+               layout: Layout = Layout()) -> TrainState:
+    """The TrainState created directly in `shardings` by one jitted init (with
+    `layout.vote_axis`, the optimizer state is every worker's, broadcast from one init)."""
 
     def init(key):
         model = task.build(nnx.Rngs(params=key))
         params = nnx.to_pure_dict(nnx.state(model))
         opt_state = tx.init(params)
-        if vote_axis is not None:
-            opt_state = dlion.for_every_worker(opt_state, mesh.shape[vote_axis])
+        if layout.vote_axis is not None:
+            opt_state = dlion.for_every_worker(opt_state, mesh.shape[layout.vote_axis])
         return TrainState(jnp.zeros([], jnp.int32), params, opt_state, key)
 
     with partitioning.sharding_context(mesh, rules):
         return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
-def abstract_state(abstract_params, shardings: TrainState, tx,
-                   vote_axis: str | None = None) -> TrainState:
+def abstract_state(abstract_params, shardings: TrainState, tx, layout: Layout = Layout()) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the train state: the restore target."""
     opt_state = jax.eval_shape(tx.init, abstract_params)
-    if vote_axis is not None:
-        num = shardings.step.mesh.shape[vote_axis]
+    if layout.vote_axis is not None:
+        num = shardings.step.mesh.shape[layout.vote_axis]
         opt_state = jax.eval_shape(lambda s: dlion.for_every_worker(s, num), opt_state)
     shapes = TrainState(
         jax.ShapeDtypeStruct((), jnp.int32), abstract_params,
@@ -178,52 +179,28 @@ def zero_grad_fn(grad_fn, grad_shardings, axis: str = "data"):
     return zero
 
 
-def poison_at(grads, step, nan_at_step: int | None):
-    """`grads` with NaN added at `step == nan_at_step` (fault injection); else unchanged."""
-    if nan_at_step is None:
-        return grads
-    poison = jnp.where(step == nan_at_step, jnp.nan, 0.0)
-    return jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
-
-
-def count_skipped_step(opt_state):
-    """`opt_state` with every `count` in its inner state advanced when the optimizer just
-    dropped a non-finite step (`optax.apply_if_finite` leaves them as they were), so the
-    schedules inside the optimizer, which read its count, stay at the global step: the
-    learning rate applied at step s is the `lr` logged for step s, skipped steps or not."""
-    if not isinstance(opt_state, optax.ApplyIfFiniteState):
-        return opt_state
-    skipped = 1 - jnp.asarray(opt_state.last_finite, jnp.int32)
-
-    def advance(path, x):
-        name = getattr(path[-1], "name", getattr(path[-1], "key", None)) if path else None
-        return x + skipped.astype(x.dtype) if name == "count" else x
-
-    return opt_state._replace(inner_state=jax.tree_util.tree_map_with_path(advance, opt_state.inner_state))
-
-
-def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int,
-                    nan_at_step: int | None = None, vote_axis: str | None = None,
-                    grad_shardings=None, apply_fn=None):
+def make_train_step(task, graphdef, tx, lr_schedule, *, grad_accum_steps: int = 1,
+                    layout: Layout = Layout(), grad_shardings=None, apply_fn=None,
+                    nan_at_step: int | None = None):
     """Pure `(state, batch) -> (state, metrics)`; jit it with donated state, and trace it
-    inside `partitioning.sharding_context(mesh, rules)`.
+    inside `partitioning.sharding_context(mesh, rules)` (`train.setup` does both).
 
     Gradients come from `make_grad_fn` (one optimizer update per step, also with
     gradient accumulation). `metrics["nonfinite"]` is 1.0 when the loss or a gradient was
     NaN/Inf (the optimizer, wrapped in `optax.apply_if_finite`, then leaves the state
     unchanged). `nan_at_step` poisons the gradients of that step, for fault-injection
-    tests. With `vote_axis` the step runs Distributed Lion (`train.dlion`). With
-    `grad_shardings` (ZeRO, `lion_optax.zero_shardings`) the gradients are
-    reduce-scattered to the optimizer state's sharding (`zero_grad_fn`), each replica
-    updates its shard, and the new params are all-gathered (by the step's out_shardings).
-    With `apply_fn` (`optim.fused_apply`) the step calls `apply_fn(grads, opt_state,
-    params) -> (params, opt_state)` instead of `tx.update` + `optax.apply_updates`.
+    tests. With `layout.vote_axis` the step runs Distributed Lion (`train.dlion`). With
+    `layout.zero_axis` the gradients are reduce-scattered to `grad_shardings` (ZeRO,
+    `lion_optax.zero_shardings`, `zero_grad_fn`), each replica updates its shard, and the
+    new params are all-gathered (by the step's out_shardings). With `apply_fn`
+    (`optim.fused_apply`) the step calls `apply_fn(grads, opt_state, params) -> (params,
+    opt_state)` instead of `tx.update` + `optax.apply_updates`.
     """
     grad_fn = make_grad_fn(task, graphdef, grad_accum_steps)
-    if grad_shardings is not None:
-        grad_fn = zero_grad_fn(grad_fn, grad_shardings)
-    if vote_axis is not None:
-        return dlion.make_train_step(grad_fn, tx, lr_schedule, vote_axis, nan_at_step)
+    if layout.zero_axis is not None:
+        grad_fn = zero_grad_fn(grad_fn, grad_shardings, layout.zero_axis)
+    if layout.vote_axis is not None:
+        return dlion.make_voting_train_step(grad_fn, tx, lr_schedule, layout.vote_axis, nan_at_step)
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -242,31 +219,6 @@ def make_train_step(task, graphdef, tx, lr_schedule, grad_accum_steps: int,
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return train_step
-
-
-def jit_train_step(config, task, graphdef, tx, lr_schedule, shardings: TrainState, abstract_params,
-                   vote_axis: str | None = None, zero_axis: str | None = None,
-                   nan_at_step: int | None = None):
-    """`make_train_step` for `config`, jitted over `shardings` with the state donated: ZeRO
-    gradient layout from `zero_axis`, the fused Lion apply when the config asks for it."""
-    grad_shardings = lion_optax.zero_shardings(abstract_params, axis=zero_axis) if zero_axis else None
-    apply_fn = optim.fused_apply(config.optimizer, config.num_steps,
-                                 optim.decay_mask(task, config.optimizer))
-    if apply_fn is not None:
-        apply_fn = functools.partial(apply_fn, opt_state_shardings=shardings.opt_state)
-    step = make_train_step(task, graphdef, tx, lr_schedule, config.grad_accum_steps,
-                           nan_at_step=nan_at_step, vote_axis=vote_axis,
-                           grad_shardings=grad_shardings, apply_fn=apply_fn)
-    return jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None),
-                   donate_argnums=0, compiler_options=tpu_compiler_options(config, shardings))
-
-
-def tpu_compiler_options(config, shardings) -> dict | None:
-    """`config.tpu_compiler_options` when the step's devices are TPUs (else None)."""
-    options = dict(config.get("tpu_compiler_options") or {})
-    sharding = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
-    platform = next(iter(sharding.device_set)).platform
-    return options if options and platform == "tpu" else None
 
 
 def make_eval_step(task, graphdef):

@@ -66,7 +66,7 @@ class ImageClassification(_Task):
             self.model_config = vit_lib.vit_config(config.model.variant, **overrides)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model: {e}") from None
-        self.label_smoothing = float(config.get("label_smoothing", 0.0))
+        self.label_smoothing = float(config.label_smoothing)
 
     @property
     def num_layers(self) -> int:
@@ -117,16 +117,17 @@ class LanguageModeling(_Task):
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model: {e}") from None
         self.seq_len = int(config.data.seq_len)
+        self.document_mask = bool(config.data.document_mask)
         if self.seq_len > self.model_config.max_seq_len:
             raise ConfigError(
                 f"data.seq_len {self.seq_len} exceeds the model's max_seq_len {self.model_config.max_seq_len}")
-        self.z_loss = float(config.get("z_loss", 0.0))
+        self.z_loss = float(config.z_loss)
         # Sequence positions per chunk of the output head and loss (0: the whole sequence).
-        self.loss_chunk = int(config.get("loss_chunk", 0))
+        self.loss_chunk = int(config.loss_chunk)
         if self.loss_chunk < 0 or (0 < self.loss_chunk < self.seq_len and self.seq_len % self.loss_chunk):
             raise ConfigError(f"loss_chunk {self.loss_chunk} must be 0 or divide data.seq_len {self.seq_len}")
         # Strided vocabulary slices per output-head/loss step (1: the whole vocabulary).
-        self.loss_vocab_chunks = int(config.get("loss_vocab_chunks", 1))
+        self.loss_vocab_chunks = int(config.loss_vocab_chunks)
         vocab = self.model_config.vocab_size
         if self.loss_vocab_chunks < 1 or vocab % self.loss_vocab_chunks:
             raise ConfigError(f"loss_vocab_chunks {self.loss_vocab_chunks} must be >= 1 and divide the "
@@ -147,11 +148,14 @@ class LanguageModeling(_Task):
 
     def example_batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         tokens = jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.int32)
-        return {"inputs": tokens, "targets": tokens,
-                "mask": jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.float32)}
+        shapes = {"inputs": tokens, "targets": tokens,
+                  "mask": jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.float32)}
+        if self.document_mask:
+            shapes.update(segment_ids=tokens, positions=tokens)
+        return shapes
 
     def _loss(self, model, batch, z_loss):
-        hidden = model.hidden(batch["inputs"], segment_ids=batch.get("segment_ids"))
+        hidden = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
         return lm_loss.chunked_cross_entropy(hidden, model.head_kernel(), batch["targets"], batch.get("mask"),
                                              z_loss, self.loss_chunk, self.loss_vocab_chunks)
 

@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import partitioning
 from train import data as data_lib
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
-from train import optim, preprocess, steps, tasks
+from train import setup
+from train import tokenizer as tokenizer_lib
 from train.checkpoint import Checkpointer
 from train.errors import ConfigError, TrainingHalted, UserError
 
@@ -67,7 +67,7 @@ def _check_scalars(config) -> None:
             raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
     if config.log_every < 1:
         raise ConfigError(f"log_every must be >= 1, got {config.log_every}")
-    if config.get("on_nonfinite", "skip") not in ON_NONFINITE:
+    if config.on_nonfinite not in ON_NONFINITE:
         raise ConfigError(f"on_nonfinite must be one of {ON_NONFINITE}, got {config.on_nonfinite!r}")
 
 
@@ -122,7 +122,7 @@ def evaluate(eval_step, params, eval_batches, mesh) -> dict[str, float]:
     """Mean eval metrics over one pass of `eval_batches` (built once per run, re-iterated)."""
     totals: dict[str, float] = {}
     for local in eval_batches:
-        sums = eval_step(params, data_lib.to_global_batch(local, mesh))
+        sums = eval_step(params, mesh_lib.to_global_batch(local, mesh))
         for k, v in jax.device_get(sums).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     count = max(totals.pop("count", 0.0), 1.0)
@@ -133,14 +133,7 @@ def run(config, workdir: str) -> dict[str, float]:
     """Trains per `config` in `workdir`; returns the last logged metrics."""
     # Everything that can be wrong with the input is found before the workdir is touched.
     _check_scalars(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_batch(config.batch_size, config.grad_accum_steps, mesh, jax.process_count())
-    task = tasks.make_task(config)
-    mask = optim.decay_mask(task, config.optimizer)
-    tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps, mask)
-    optim.fused_apply(config.optimizer, config.num_steps, mask)  # validates optimizer.lion.fused_apply
-    rules = tuple(tuple(r) for r in config.sharding_rules) or partitioning.DEFAULT_RULES
-    vote_axis, zero_axis = optim.layout(config, mesh, rules)  # Distributed Lion / ZeRO, or None
+    built = setup.build(config)  # mesh, model, optimizer, shardings, steps: nothing allocated
     train_iter = data_lib.make_train_iterator(config.data, config.batch_size, config.seed)
     # Built once per run (tokenizer, source, pipeline): each eval re-iterates it, and a
     # missing eval split is found here, not after the first stretch of training.
@@ -148,37 +141,29 @@ def run(config, workdir: str) -> dict[str, float]:
     _check_workdir(workdir)
     lock = _lock_workdir(workdir)
     try:
-        return _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter, eval_batches,
-                      vote_axis, zero_axis)
+        return _train(built, workdir, train_iter, eval_batches)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter, eval_batches,
-           vote_axis=None, zero_axis=None) -> dict[str, float]:
+def _train(built: setup.Run, workdir, train_iter, eval_batches) -> dict[str, float]:
+    config, mesh, task = built.config, built.mesh, built.task
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                         config.keep_checkpoints)
-    graphdef, abstract_params = steps.abstract_model(task, mesh, rules)
-    shardings = steps.state_shardings(abstract_params, tx, mesh, vote_axis, zero_axis)
-    target = steps.abstract_state(abstract_params, shardings, tx, vote_axis)
     config_dict = json.loads(config.to_json_best_effort())
-    state = ckpt.restore_latest(target, train_iter, config_dict)
+    state = ckpt.restore_latest(built.abstract_state, train_iter, config_dict)
     if state is None:
-        state = steps.init_state(task, tx, shardings, mesh, rules, config.seed, vote_axis)
+        state = built.init_state()
     start = int(jax.device_get(state.step))
-
-    nan_at = config.get("debug_nan_at_step", -1)  # a logged step number: state.step + 1
-    train_step = steps.jit_train_step(config, task, graphdef, tx, lr_schedule, shardings, abstract_params,
-                                      vote_axis, zero_axis, nan_at_step=nan_at - 1 if nan_at > 0 else None)
-    eval_step = jax.jit(steps.make_eval_step(task, graphdef))
+    train_step, eval_step = built.train_step, built.eval_step
 
     units = task.units(config.batch_size)
     flops_per_step = task.flops_per_example() * config.batch_size
     peak = metrics_lib.peak_flops_total()
     meta = {"config": config_dict, "mesh": dict(mesh.shape), "process_count": jax.process_count(),
             "data_iterator": "step" if isinstance(train_iter, data_lib.StepIterator) else "stream"}
-    halt_on_nonfinite = config.get("on_nonfinite", "skip") == "halt"
+    halt_on_nonfinite = config.on_nonfinite == "halt"
     logger = metrics_lib.MetricsLogger(workdir, config.num_steps, start)
     logger.event(start, "start")
     if start:
@@ -207,9 +192,9 @@ def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter, eval
 
     preemption = _Preemption(ckpt)
     try:
-        with preemption, partitioning.sharding_context(mesh, rules):
+        with preemption, built.context():
             for step in range(start, config.num_steps):
-                state, metrics = train_step(state, data_lib.to_global_batch(next(train_iter), mesh))
+                state, metrics = train_step(state, mesh_lib.to_global_batch(next(train_iter), mesh))
                 done = step + 1
                 window.append((done, metrics))
                 steps_in_window += 1
@@ -248,24 +233,25 @@ def _train(config, workdir, mesh, task, tx, lr_schedule, rules, train_iter, eval
             ckpt.close()  # waits for in-flight saves to commit
         finally:
             logger.close()
-    if config.get("sample_steps", 0) and start < config.num_steps and not preempted:
-        text = sample_text(task, graphdef, state.params, config, mesh, rules)
+    if config.get("sample_steps") and start < config.num_steps and not preempted:
+        text = sample_text(built, state.params)
         if jax.process_index() == 0:
             print(f"--- sample ({config.sample_steps} tokens) ---\n{text}\n---", flush=True)
     return last
 
 
-def sample_text(task, graphdef, params, config, mesh, rules, prompt: str = "def ") -> str:
+def sample_text(built: setup.Run, params, prompt: str = "def ") -> str:
     """A sample (temperature 0.8) from the trained LM, decoded to text."""
     from flax import nnx
 
     from models.generate import generate
 
-    tokenizer = preprocess.make_tokenizer(config.data.tokenizer)
+    config = built.config
+    tokenizer = tokenizer_lib.make_tokenizer(config.data.tokenizer)
     tokens = tokenizer.encode(prompt).tolist()
-    steps_ = min(int(config.sample_steps), task.model_config.max_seq_len - len(tokens))
-    with partitioning.sharding_context(mesh, rules):
-        model = nnx.merge(graphdef, params)
+    steps_ = min(int(config.sample_steps), built.task.model_config.max_seq_len - len(tokens))
+    with built.context():
+        model = nnx.merge(built.graphdef, params)
         out = generate(model, jnp.asarray([tokens], jnp.int32), steps_, temperature=0.8,
                        rng=jax.random.PRNGKey(config.seed))
     return tokenizer.decode(np.asarray(jax.device_get(out))[0])

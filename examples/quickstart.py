@@ -1,6 +1,6 @@
 """Lion vs AdamW on real data in under a minute: an MLP on scikit-learn's 8x8 digits.
 
-    python -m train.quickstart [--steps 300] [--factor 3]
+    python examples/quickstart.py [--steps 300] [--factor 3]
 
 Uses lion_optax.lion with bfloat16 momentum inside a flax.nnx.Optimizer, with the
 paper's AdamW -> Lion mapping (lr / factor, weight decay x factor), and prints test accuracy

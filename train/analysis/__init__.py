@@ -1,0 +1,1 @@
+"""Measurements of compiled programs (HLO byte counts), for benchmarks and tests; not used by a run."""

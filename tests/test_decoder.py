@@ -276,3 +276,28 @@ def test_packed_documents_lose_what_each_document_loses_alone(attention):
         start += len(doc)
     # Without the segment ids and positions the same window's losses differ (attention crosses).
     assert not np.allclose(per_token_nll(ex["inputs"], ex["targets"])[6:15], packed[6:15], atol=1e-4)
+
+
+def test_lm_task_passes_segment_ids_and_positions_to_the_model():
+    """The trainer's loss (train.tasks) on a window of whole packed documents equals the mean
+    per-token loss of the documents run alone: it hands the model the segment ids. (Dropping
+    the per-document positions would not show here: within one document RoPE only sees
+    relative positions, so only precision at long offsets depends on them.)"""
+    from _util import tiny_lm
+
+    from train import tasks
+    from train.preprocess import lm_example
+
+    config = tiny_lm(**{"data.document_mask": True, "data.seq_len": 32, "model.attention": "xla"})
+    task = tasks.make_task(config)
+    model = build(task.model_config)
+    rng = np.random.default_rng(1)
+    docs = [np.append(rng.integers(0, 250, n), 256) for n in (11, 7, 12)]  # 33 tokens: one window
+    batch = {k: jnp.asarray(v)[None] for k, v in lm_example(np.concatenate(docs), eos_id=256).items()}
+    with partitioning.sharding_context(None):
+        _, aux = task.loss(model, batch, None)
+        alone = []
+        for d in docs:
+            logits = model(jnp.asarray(d[:-1])[None])[0]
+            alone.append(-jax.nn.log_softmax(logits)[np.arange(len(d) - 1), d[1:]])
+    np.testing.assert_allclose(float(aux["nll"]), float(jnp.concatenate(alone).mean()), rtol=2e-5)

@@ -14,6 +14,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.on_nonfinite = "skip"  # NaN/Inf loss or grads: "skip" the update (counted) or "halt"
+    # "hf:PATH": the decoder's architecture and starting parameters from a Hugging Face
+    # checkpoint directory (config.json + *.safetensors); the optimizer state starts fresh.
+    c.init_from = ""
     c.debug_nan_at_step = -1  # fault injection for tests: poison this step's gradients
     # ICI axis sizes (-1 = fill with the remaining devices) and DCN (multi-slice) sizes.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))

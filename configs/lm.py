@@ -47,10 +47,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.optimizer.adafactor = common.adafactor(1e-2, 0.01)
         return c
 
+    if arg == "finetune":
+        return finetune_config(c)
+
     # (seq_len, batch, vocab); 8b at batch 128 needs 12.6 GB of temporaries per v5p-64 chip (train.aot).
     sizes = {"1b": (2048, 1024, 32000), "8b": (8192, 128, 128256), "8b-v5e": (8192, 8, 128256)}
     if arg not in sizes:
-        raise ValueError(f"configs/lm.py: unknown variant {arg!r}; use demo, 1b, 8b or 8b-v5e")
+        raise ValueError(f"configs/lm.py: unknown variant {arg!r}; use demo, 1b, 8b, 8b-v5e or finetune")
     seq_len, batch, vocab = sizes[arg]
     c.data = data_config("c4")
     # tokenizer: a SentencePiece .model or tokenizer.json matching vocab_size (required).
@@ -78,4 +81,36 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.optimizer.lion.update(dict(mu_dtype="int8", fused_apply=True))
         c.loss_chunk, c.loss_vocab_chunks = 0, 8
         c.tpu_compiler_options = ml_collections.ConfigDict(dict(xla_jf_bf16_propagation=False))
+    return c
+
+
+def finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Fine-tuning a Hugging Face Llama-family checkpoint (docs/finetune.md):
+
+        python -m train --config=configs/lm.py:finetune --workdir=DIR \\
+            --config.init_from=hf:/ckpt/Llama-3.2-1B \\
+            --config.data.name=my_corpus --config.data.data_dir=/data/tfds
+
+    The architecture and the starting weights come from the checkpoint, the tokenizer from its
+    tokenizer.json (unless data.tokenizer is set). Lion at 1/5 of a typical AdamW fine-tuning
+    lr (2e-5 -> 4e-6) with 10x the weight decay, and b1/b2 0.95/0.98 as the paper uses for LMs.
+    """
+    c.init_from = ""  # required: hf:PATH
+    c.data = data_config("c4")
+    # vocab_size None: the checkpoint's; document masking and bos as Llama models train.
+    c.data.update(dict(seq_len=2048, tokenizer="", vocab_size=None, add_bos=True,
+                       eval_max_batches=16))
+    c.data.vocab_size = ml_collections.config_dict.placeholder(int)
+    c.model = ml_collections.ConfigDict(dict(
+        family="lm", scan_layers=True, remat="full", dtype="bfloat16", attention="auto"))
+    c.loss_chunk = 1024
+    c.batch_size, c.num_steps = 64, 2000  # 128k tokens per step
+    c.z_loss = 0.0  # the pretrained head was not trained with one
+    c.optimizer.update(dict(warmup_steps=100, schedule="cosine", end_lr_fraction=0.1, grad_clip_norm=1.0))
+    c.optimizer.lion = common.lion(4e-6, 0.1, b1=0.95, b2=0.98)
+    c.optimizer.adamw = common.adamw(2e-5, 0.01, b1=0.9, b2=0.95)
+    c.optimizer.adafactor = common.adafactor(2e-5, 0.01)
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    c.log_every, c.eval_every, c.checkpoint_every = 10, 200, 200
+    c.sample_steps = 0
     return c

@@ -34,6 +34,24 @@ ACT_EMBED = ("act_batch", "act_length", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling for long contexts, as Hugging Face's `rope_scaling` names it:
+    `linear` divides every frequency by `factor`; `llama3` (Llama 3.1) divides the low
+    frequencies (wavelength > original_max_len / low_freq_factor) by `factor`, keeps the
+    high ones (wavelength < original_max_len / high_freq_factor) and blends in between."""
+
+    kind: str  # "linear" | "llama3"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "llama3"):
+            raise ValueError(f"rope scaling {self.kind!r} is not one of linear, llama3")
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     """Hyper-parameters of `Decoder`; `head_dim` defaults to d_model // num_heads."""
 
@@ -46,6 +64,7 @@ class DecoderConfig:
     head_dim: int | None = None
     max_seq_len: int = 2048
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     attn_logit_softcap: float | None = None
@@ -125,13 +144,32 @@ class RMSNorm(nnx.Module):
         return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> Array:
+    """float32 inverse frequencies [head_dim / 2] of the rotary embedding."""
+    half = head_dim // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    wavelen = 2 * jnp.pi / inv_freq
+    low_wavelen = scaling.original_max_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_len / scaling.high_freq_factor
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = ((scaling.original_max_len / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, blended, scaled)
+
+
+def apply_rope(x: Array, positions: Array, theta: float, scaling: RopeScaling | None = None) -> Array:
     """Rotary embedding of `x` [batch, seq, heads, head_dim] at `positions` [batch, seq].
 
-    Rotates the pairs (x[i], x[i + head_dim/2]) ("rotate half" convention) in float32.
+    Rotates the pairs (x[i], x[i + head_dim/2]) ("rotate half" convention, as Hugging
+    Face's Llama) in float32.
     """
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    inv_freq = rope_frequencies(x.shape[-1], theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, half]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -162,13 +200,13 @@ class Attention(nnx.Module):
         """
         cfg, dt = self.config, self.config.dtype
         kv_axes = ("act_batch", "act_length", "act_kv_heads", None)
-        q = jnp.einsum("btd,dhq->bthq", x, self.query[...].astype(dt))
-        k = jnp.einsum("btd,dkq->btkq", x, self.key[...].astype(dt))
-        v = jnp.einsum("btd,dkq->btkq", x, self.value[...].astype(dt))
+        q = layer_stack.name(jnp.einsum("btd,dhq->bthq", x, self.query[...].astype(dt)), "query_proj")
+        k = layer_stack.name(jnp.einsum("btd,dkq->btkq", x, self.key[...].astype(dt)), "key_proj")
+        v = layer_stack.name(jnp.einsum("btd,dkq->btkq", x, self.value[...].astype(dt)), "value_proj")
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         k, v = constrain(k, kv_axes), constrain(v, kv_axes)
-        q = apply_rope(q, positions, cfg.rope_theta) * jnp.asarray(cfg.head_dim ** -0.5, dt)
-        k = apply_rope(k, positions, cfg.rope_theta)
+        q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling) * jnp.asarray(cfg.head_dim ** -0.5, dt)
+        k = apply_rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
 
         if cache is None:
             context = attention_lib.attend(q, k, v, implementation=cfg.attention, causal=True,
@@ -182,7 +220,8 @@ class Attention(nnx.Module):
             context = attention_lib.xla_attention(q, k, v, causal=True, query_offset=cache_index,
                                                   logit_softcap=cfg.attn_logit_softcap)
         context = constrain(context, ("act_batch", "act_length", "act_heads", None))
-        return jnp.einsum("bthq,hqd->btd", context, self.out[...].astype(dt)), cache
+        out = jnp.einsum("bthq,hqd->btd", context, self.out[...].astype(dt))
+        return layer_stack.name(out, "out_proj"), cache
 
 
 class MLP(nnx.Module):

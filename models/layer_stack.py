@@ -13,8 +13,14 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-REMAT_POLICIES = ("none", "full", "save_dots")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_dot_except_mlp")
+# Activations a layer names with `name` (`jax.ad_checkpoint.checkpoint_name`) for the
+# MaxText-style policies: save_qkv_proj keeps the q, k, v projections, save_dot_except_mlp
+# also the attention output projection; everything else is recomputed.
+QKV_PROJ = ("query_proj", "key_proj", "value_proj")
+_SAVED_NAMES = {"save_qkv_proj": QKV_PROJ, "save_dot_except_mlp": QKV_PROJ + ("out_proj",)}
 # Metadata for nnx.vmap / nnx.scan: the stacked axis is the logical axis "layers".
 LAYERS = {nnx.PARTITION_NAME: "layers"}
 
@@ -33,14 +39,24 @@ def make_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num: int, scan: bo
     return stacked(rngs)
 
 
+def name(x: jax.Array, label: str) -> jax.Array:
+    """`x` tagged `label` for the remat policies that save it by name (identity otherwise)."""
+    return checkpoint_name(x, label)
+
+
 def remat(fn: Callable, policy: str, in_scan: bool) -> Callable:
     """`fn` (one layer's call) rematerialised per `policy` in REMAT_POLICIES: "full" keeps
-    only its inputs, "save_dots" also its matmul outputs, "none" returns `fn` itself."""
+    only its inputs, "save_dots" also its matmul outputs, "save_qkv_proj" /
+    "save_dot_except_mlp" the activations named so (see _SAVED_NAMES), "none" returns `fn`."""
     if policy not in REMAT_POLICIES:
         raise ValueError(f"remat={policy!r} is not one of {REMAT_POLICIES}")
     if policy == "none":
         return fn
-    saved = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "save_dots" else None
+    saved = None
+    if policy == "save_dots":
+        saved = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    elif policy in _SAVED_NAMES:
+        saved = jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[policy])
     # Inside scan the loop already stops CSE across the boundary; outside it must not.
     return nnx.remat(fn, policy=saved, prevent_cse=not in_scan)
 

@@ -197,13 +197,13 @@ class Attention(nnx.Module):
         """`recompute`: keep only q, k, v for the backward (a Pallas kernel's padded
         inputs and outputs are recomputed), for steps without a remat of their own."""
         names = ("act_batch", "act_length", "act_heads", None)
-        q = self.query(x)
+        q = layer_stack.name(self.query(x), "query_proj")
         q = constrain(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), names)
-        k = constrain(self.key(x), names)
-        v = constrain(self.value(x), names)
+        k = constrain(layer_stack.name(self.key(x), "key_proj"), names)
+        v = constrain(layer_stack.name(self.value(x), "value_proj"), names)
         mixed = attention_lib.attend(q, k, v, implementation=self.implementation, recompute=recompute)
         mixed = constrain(mixed.astype(v.dtype), names)
-        return self.out(mixed)
+        return layer_stack.name(self.out(mixed), "out_proj")
 
 
 class MlpBlock(nnx.Module):

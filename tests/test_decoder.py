@@ -102,21 +102,41 @@ def test_scanned_matches_unrolled():
     jax.tree.map(np.testing.assert_array_equal, roundtrip, unrolled_params)
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
-def test_remat_keeps_loss_and_grads(remat):
+@pytest.mark.parametrize("remat, saved", [
+    ("full", set()),
+    ("save_dots", set()),
+    ("save_qkv_proj", {"query_proj", "key_proj", "value_proj"}),
+    ("save_dot_except_mlp", {"query_proj", "key_proj", "value_proj", "out_proj"}),
+])
+def test_remat_keeps_loss_and_grads_and_saves_only_what_it_names(remat, saved):
+    """Every policy gives remat=none's loss and gradients; the MaxText-style ones keep
+    exactly their named projections of each layer for the backward (print_saved_residuals)."""
+    import contextlib
+    import io
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+
     tokens = random_tokens(3, (2, 8))
 
-    def loss_and_grads(cfg):
-        model = build(cfg)
-        with partitioning.sharding_context(None):
-            return nnx.value_and_grad(
-                lambda m: cross_entropy_loss(m(tokens), tokens)[0])(model)
+    def loss_fn(cfg):
+        graphdef, params = nnx.split(build(cfg))
 
-    base_loss, base_grads = loss_and_grads(decoder_config("tiny"))
-    loss, grads = loss_and_grads(decoder_config("tiny", remat=remat))
+        def loss(params):
+            with partitioning.sharding_context(None):
+                return cross_entropy_loss(nnx.merge(graphdef, params)(tokens), tokens)[0]
+        return loss, params
+
+    base, params = loss_fn(decoder_config("tiny", scan_layers=False))
+    policy, _ = loss_fn(decoder_config("tiny", scan_layers=False, remat=remat))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(policy, params)
+    assert set(re.findall(r"named '(\w+)'", printed.getvalue())) == saved, printed.getvalue()
+    base_loss, base_grads = jax.jit(jax.value_and_grad(base))(params)
+    loss, grads = jax.jit(jax.value_and_grad(policy))(params)
     np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
-                 nnx.to_pure_dict(grads), nnx.to_pure_dict(base_grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads, base_grads)
 
 
 def test_sharded_forward_matches_single_device():

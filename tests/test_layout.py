@@ -42,6 +42,7 @@ def test_packages_import_only_what_the_layout_allows():
     for module, imported in _imports().items():
         package = module.split(".")[0]
         tops = {i.split(".")[0] for i in imported}
+        assert not tops & {"torch", "transformers"}, module  # test references only
         assert not tops & forbidden.get(package, set()), (module, tops & forbidden[package])
         if package in allowed_third_party:
             others = tops - allowed_third_party[package] - {package, "__future__"}

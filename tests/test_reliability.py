@@ -284,7 +284,8 @@ BAD_INPUT = [
     (["--config.optimizer.lion.learning_rat=1"],
      "unknown config key config.optimizer.lion.learning_rat (in --config.optimizer.lion.learning_rat); "
      "did you mean config.optimizer.lion.learning_rate?"),
-    (["--config.init_from=x"], "unknown config key config.init_from"),
+    (["--config.resume_from=x"], "unknown config key config.resume_from"),
+    (["--config.init_from=/ckpt/llama"], "init_from must be hf:PATH (a Hugging Face checkpoint directory)"),
     (["--config.data.tokenizer=/nonexistent/sp.model"], "data.tokenizer /nonexistent/sp.model cannot be read"),
     (["--config.data.tokenizer=README.md"], "data.tokenizer README.md is not a SentencePiece .model file"),
     (["--config.data.tokenizer=benchmarks/results/compare_optimizers.json"],

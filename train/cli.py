@@ -62,20 +62,25 @@ def unknown_key_message(argv: list[str], config=None) -> str | None:
     return None
 
 
-def flags_parser(*required: str):
+def flags_parser(*required: str, commands: tuple[str, ...] = ()):
     """A `flags_parser` for `absl.app.run` that exits 2 on any parse error (unknown flag,
-    unknown or mistyped `--config.key`, a config file raising) or missing `required` flag."""
+    unknown or mistyped `--config.key`, a config file raising) or missing `required` flag;
+    with `commands`, exactly one positional argument, one of them."""
 
     def parse(argv: list[str]) -> list[str]:
         try:
             rest = flags.FLAGS(argv)
         except Exception as e:  # flags.Error, or whatever a config file's get_config raised
             fail(unknown_key_message(argv) or _one_line(e))
+        if commands:
+            if len(rest) != 2 or rest[1] not in commands:
+                fail(f"expected one command ({' | '.join(commands)}), got {' '.join(rest[1:]) or 'none'}")
+            command, rest = rest[1], rest[:1]
         for name in required:
             if flags.FLAGS[name].value in (None, ""):
                 fail(f"--{name} is required")
         if len(rest) > 1:
             fail(f"unexpected arguments: {' '.join(rest[1:])}")
-        return rest
+        return rest + [command] if commands else rest
 
     return parse

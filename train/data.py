@@ -115,6 +115,8 @@ def _maybe_mp(ds: grain.IterDataset, cfg) -> grain.IterDataset:
 
 def get_vocab_size(cfg) -> int:
     """Token vocabulary of a text config (synthetic: ``cfg.vocab_size``)."""
+    if _is_synthetic(cfg) and cfg.vocab_size is None:
+        raise ConfigError("data.vocab_size is required with synthetic text")
     return int(cfg.vocab_size) if _is_synthetic(cfg) else _tokenizer(cfg).vocab_size
 
 

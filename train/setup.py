@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 import lion_optax
-from models import partitioning
+from models import hf, partitioning
 from train import mesh as mesh_lib
 from train import optim, steps, tasks
 
@@ -55,9 +55,14 @@ class Run:
         return partitioning.sharding_context(self.mesh, self.rules)
 
     def init_state(self) -> steps.TrainState:
-        """A fresh train state from `config.seed`, created directly in `shardings`."""
+        """A fresh train state from `config.seed`, created directly in `shardings`; with
+        `config.init_from`, the parameters are the checkpoint's, each device reading only
+        its own shard (`models.hf.load_params`), and the optimizer state starts fresh."""
+        params = None
+        if self.task.init_from:
+            params = hf.load_params(self.task.init_from, self.task.model_config, self.abstract_params)
         return steps.init_state(self.task, self.tx, self.shardings, self.mesh, self.rules,
-                                self.config.seed, self.layout)
+                                self.config.seed, self.layout, params)
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         """One global batch as ShapeDtypeStructs, sharded over the batch axes."""

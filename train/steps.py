@@ -70,20 +70,23 @@ def train_state_shardings(abstract_params, tx, mesh, layout: Layout = Layout()) 
 
 
 def init_state(task, tx, shardings: TrainState, mesh, rules, seed: int,
-               layout: Layout = Layout()) -> TrainState:
+               layout: Layout = Layout(), params=None) -> TrainState:
     """The TrainState created directly in `shardings` by one jitted init (with
-    `layout.vote_axis`, the optimizer state is every worker's, broadcast from one init)."""
+    `layout.vote_axis`, the optimizer state is every worker's, broadcast from one init).
+    `params` (already in `shardings.params`, e.g. loaded from a checkpoint) are taken as
+    they are (donated) instead of initialized; the optimizer state starts fresh."""
 
-    def init(key):
-        model = task.build(nnx.Rngs(params=key))
-        params = nnx.to_pure_dict(nnx.state(model))
+    def init(key, params):
+        if params is None:
+            params = nnx.to_pure_dict(nnx.state(task.build(nnx.Rngs(params=key))))
         opt_state = tx.init(params)
         if layout.vote_axis is not None:
             opt_state = dlion.for_every_worker(opt_state, mesh.shape[layout.vote_axis])
         return TrainState(jnp.zeros([], jnp.int32), params, opt_state, key)
 
     with partitioning.sharding_context(mesh, rules):
-        return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+        init = jax.jit(init, out_shardings=shardings, donate_argnums=1)
+        return init(jax.random.PRNGKey(seed), params)
 
 
 def abstract_state(abstract_params, shardings: TrainState, tx, layout: Layout = Layout()) -> TrainState:

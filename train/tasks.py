@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from models import decoder as decoder_lib
+from models import hf as hf_lib
 from models import lm_loss
 from models import partitioning
 from models import vit as vit_lib
@@ -38,6 +39,12 @@ def _model_overrides(model_cfg: Mapping, skip: tuple[str, ...]) -> dict[str, Any
 
 
 class _Task:
+    init_from = None  # a Hugging Face checkpoint directory the parameters start from
+
+    def hf_config(self) -> dict | None:
+        """The model as a Hugging Face `config.json` dict (for `train.hf export`), or None."""
+        return None
+
     def build(self, rngs: nnx.Rngs) -> nnx.Module:
         raise NotImplementedError
 
@@ -109,13 +116,17 @@ class LanguageModeling(_Task):
 
     def __init__(self, config):
         overrides = _model_overrides(config.model, skip=("family", "size"))
-        # Pad the embedding/output tables to a multiple of 128 so they shard evenly and map
-        # to TPU tiles (32000 and 128256 already are; the 257-entry byte vocab becomes 384).
-        overrides.setdefault("vocab_size", -(-int(config.data.vocab_size) // 128) * 128)
-        try:
-            self.model_config = decoder_lib.decoder_config(config.model.size, **overrides)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"model: {e}") from None
+        init_from = str(config.get("init_from") or "")
+        if init_from:
+            self._from_checkpoint(init_from, overrides, config.data.vocab_size)
+        else:
+            # Pad the embedding/output tables to a multiple of 128 so they shard evenly and map
+            # to TPU tiles (32000 and 128256 already are; the 257-entry byte vocab becomes 384).
+            overrides.setdefault("vocab_size", -(-int(config.data.vocab_size) // 128) * 128)
+            try:
+                self.model_config = decoder_lib.decoder_config(config.model.size, **overrides)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"model: {e}") from None
         self.seq_len = int(config.data.seq_len)
         self.document_mask = bool(config.data.document_mask)
         if self.seq_len > self.model_config.max_seq_len:
@@ -132,6 +143,34 @@ class LanguageModeling(_Task):
         if self.loss_vocab_chunks < 1 or vocab % self.loss_vocab_chunks:
             raise ConfigError(f"loss_vocab_chunks {self.loss_vocab_chunks} must be >= 1 and divide the "
                               f"model's vocab_size {vocab}")
+
+    # What config.model may still set when the architecture comes from a checkpoint.
+    RUN_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "max_seq_len")
+
+    def _from_checkpoint(self, init_from: str, overrides: dict, data_vocab) -> None:
+        """`init_from='hf:PATH'`: the model config from PATH's config.json (checked against
+        its tensors' names and shapes, reading only the safetensors headers)."""
+        if not init_from.startswith("hf:"):
+            raise ConfigError(f"init_from must be hf:PATH (a Hugging Face checkpoint directory), got {init_from!r}")
+        path = init_from[len("hf:"):]
+        fixed = sorted(set(overrides) - set(self.RUN_FIELDS))
+        if fixed:
+            raise ConfigError(f"model.{fixed[0]} is fixed by the checkpoint of init_from ({path}); "
+                              "remove it from the config")
+        try:
+            self._hf_source = hf_lib.read_config(path)
+            self.model_config = hf_lib.decoder_config(self._hf_source, **overrides)
+            hf_lib.check_tensors(path, self.model_config)
+        except (hf_lib.HFCheckpointError, ValueError, TypeError, KeyError) as e:
+            what = f"missing config.json field {e}" if isinstance(e, KeyError) else str(e)
+            raise ConfigError(f"init_from {path}: {what}") from None
+        self.init_from = path
+        if data_vocab is not None and int(data_vocab) > self.model_config.vocab_size:
+            raise ConfigError(f"data.vocab_size={data_vocab} exceeds the vocabulary of the checkpoint "
+                              f"{path} ({self.model_config.vocab_size})")
+
+    def hf_config(self) -> dict:
+        return hf_lib.hf_config(self.model_config, base=getattr(self, "_hf_source", None))
 
     @property
     def num_layers(self) -> int:

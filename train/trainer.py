@@ -71,6 +71,17 @@ def _check_scalars(config) -> None:
         raise ConfigError(f"on_nonfinite must be one of {ON_NONFINITE}, got {config.on_nonfinite!r}")
 
 
+def _with_checkpoint_tokenizer(config):
+    """With `init_from=hf:PATH` and no `data.tokenizer`, the checkpoint's own tokenizer
+    (PATH/tokenizer.json) tokenizes the text; the config is copied, not changed."""
+    init_from = str(config.get("init_from") or "")
+    if not init_from.startswith("hf:") or config.data.kind != "text" or config.data.tokenizer:
+        return config
+    config = config.copy_and_resolve_references()
+    config.data.tokenizer = init_from[len("hf:"):]
+    return config
+
+
 def _check_workdir(workdir: str) -> None:
     """Raises UserError unless `workdir` is (or can be created as) a writable directory."""
     if "://" in workdir:
@@ -133,7 +144,13 @@ def run(config, workdir: str) -> dict[str, float]:
     """Trains per `config` in `workdir`; returns the last logged metrics."""
     # Everything that can be wrong with the input is found before the workdir is touched.
     _check_scalars(config)
+    config = _with_checkpoint_tokenizer(config)
     built = setup.build(config)  # mesh, model, optimizer, shardings, steps: nothing allocated
+    if built.task.init_from and config.data.kind == "text":
+        need, have = data_lib.get_vocab_size(config.data), built.task.model_config.vocab_size
+        if need > have:
+            raise ConfigError(f"tokenizer {config.data.tokenizer!r} has {need} tokens, more than the "
+                              f"vocabulary of init_from {built.task.init_from} ({have})")
     train_iter = data_lib.make_train_iterator(config.data, config.batch_size, config.seed)
     # Built once per run (tokenizer, source, pipeline): each eval re-iterates it, and a
     # missing eval split is found here, not after the first stretch of training.
@@ -163,6 +180,8 @@ def _train(built: setup.Run, workdir, train_iter, eval_batches) -> dict[str, flo
     peak = metrics_lib.peak_flops_total()
     meta = {"config": config_dict, "mesh": dict(mesh.shape), "process_count": jax.process_count(),
             "data_iterator": "step" if isinstance(train_iter, data_lib.StepIterator) else "stream"}
+    if task.hf_config() is not None:  # what `python -m train.hf export` writes as config.json
+        meta["hf_config"] = task.hf_config()
     halt_on_nonfinite = config.on_nonfinite == "halt"
     logger = metrics_lib.MetricsLogger(workdir, config.num_steps, start)
     logger.event(start, "start")

@@ -1,0 +1,194 @@
+"""Hugging Face interop (models/hf.py, train/hf.py, init_from): logits against `transformers`
+(the independent reference: tiny random Llama/Mistral models made here with CPU torch)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from _util import REPO, cpu_env, train_hf_bpe  # noqa: E402
+from models import hf  # noqa: E402
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=256, initializer_range=0.2)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+CASES = {
+    "gqa_untied": (transformers.LlamaConfig, dict(vocab_size=384, num_key_value_heads=2, rope_theta=10_000.0)),
+    "tied_mha": (transformers.LlamaConfig, dict(vocab_size=384, num_key_value_heads=4, tie_word_embeddings=True,
+                                                 rms_norm_eps=1e-5)),
+    "llama3_rope_scaling": (transformers.LlamaConfig, dict(vocab_size=384, num_key_value_heads=1, rope_theta=500_000.0,
+                                                           rope_scaling=LLAMA3_ROPE)),
+    "mistral": (transformers.MistralConfig, dict(vocab_size=384, num_key_value_heads=2, sliding_window=None)),
+}
+
+
+def save_hf(path, config_cls, seed=0, **fields):
+    torch.manual_seed(seed)
+    model = config_cls.__name__.replace("Config", "ForCausalLM")
+    m = getattr(transformers, model)(config_cls(**{**SMALL, **fields})).eval()
+    m.save_pretrained(str(path))
+    return m
+
+
+def hf_logits(model, tokens) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens))).logits.numpy()
+
+
+TOKENS = np.random.RandomState(0).randint(0, 384, (2, 96))  # 96 > the llama3 case's 16 original positions
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_from_pretrained_logits_equal_transformers(tmp_path, case):
+    config_cls, fields = CASES[case]
+    reference = save_hf(tmp_path, config_cls, **fields)
+    want = hf_logits(reference, TOKENS)
+    for scan_layers in (True, False):
+        model, cfg = hf.from_pretrained(str(tmp_path), scan_layers=scan_layers, attention="xla")
+        got = np.asarray(model(jnp.asarray(TOKENS)))
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(want).max() > 1.0  # logits large enough for a wrong weight to show
+    assert cfg.tie_embeddings == bool(fields.get("tie_word_embeddings", False))
+    assert (cfg.rope_scaling is not None) == ("rope_scaling" in fields)
+
+
+def test_import_onto_fsdp_tensor_mesh_equals_single_device_import(tmp_path):
+    from flax import nnx
+
+    from models import decoder, partitioning
+
+    save_hf(tmp_path, transformers.LlamaConfig, vocab_size=384, num_key_value_heads=2)
+    cfg = hf.decoder_config(hf.read_config(str(tmp_path)))
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))
+    with partitioning.sharding_context(mesh):
+        state = nnx.state(nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0))))
+        shardings = nnx.to_pure_dict(partitioning.variable_shardings(state, mesh, partitioning.DEFAULT_RULES))
+    abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                            nnx.to_pure_dict(state), shardings)
+    sharded = hf.load_params(str(tmp_path), cfg, abstract)
+    single = hf.load_params(str(tmp_path), cfg, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract))
+    for (path, a), b, s in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(single),
+                               jax.tree.leaves(shardings)):
+        assert a.sharding == s, path
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    # Really split: the query kernel [embed, heads, head_dim] over fsdp x tensor.
+    query = sharded["layers"]["attn"]["query"]
+    assert query.sharding.spec[1:3] == ("fsdp", "tensor") and len(query.addressable_shards) == 8
+    assert query.addressable_shards[0].data.shape == (2, 16, 2, 16)
+
+
+def _finetune(src, **changes) -> dict:
+    return {"init_from": f"hf:{src}", "data.name": "python_stdlib_text", "data.seq_len": 64, "batch_size": 8,
+            "model.dtype": "float32", "model.remat": "none", "loss_chunk": 0, "eval_every": 0,
+            "checkpoint_every": 0, **changes}
+
+
+def _finetune_config(src, **changes):
+    from configs import lm as lm_configs
+
+    config = lm_configs.get_config("finetune")
+    config.update_from_flattened_dict(_finetune(src, **changes))
+    return config
+
+
+def test_import_train_export_reload_gives_the_original_logits(tmp_path):
+    """hf -> trainer (init_from, the checkpoint's tokenizer.json, one step at lr 0) -> export
+    -> transformers: the same logits; a step at the real lr changes them."""
+    from train import hf as hf_export
+    from train import trainer
+    from train.errors import UserError
+
+    src = tmp_path / "src"
+    original = save_hf(src, transformers.LlamaConfig, vocab_size=512, num_key_value_heads=2)
+    train_hf_bpe(src / "tokenizer.json", vocab_size=400)
+    results = {}
+    for name, lr in (("zero", 0.0), ("real", 1e-3)):
+        config = _finetune_config(src, **{"num_steps": 1, "optimizer.lion.learning_rate": lr,
+                                          "optimizer.warmup_steps": 0})
+        trainer.run(config, str(tmp_path / name))
+        out = tmp_path / f"{name}_hf"
+        files = hf_export.export(str(tmp_path / name), str(out), dtype="float32")
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        results[name] = hf_logits(reloaded, TOKENS[:, :40])
+    want = hf_logits(original, TOKENS[:, :40])
+    np.testing.assert_allclose(results["zero"], want, atol=1e-5, rtol=0)
+    assert np.abs(results["real"] - want).max() > 1e-3
+    with pytest.raises(UserError, match="exists and is not an empty directory"):  # never overwrites
+        hf_export.export(str(tmp_path / "zero"), str(tmp_path / "zero_hf"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "zero_hf"))
+    assert tok.decode(tok("def f(x): return x")["input_ids"], skip_special_tokens=True) == "def f(x): return x"
+
+
+def test_export_in_bf16_with_sharded_files_loads_in_transformers(tmp_path):
+    from flax import nnx
+
+    src = tmp_path / "src"
+    original = save_hf(src, transformers.LlamaConfig, vocab_size=384, num_key_value_heads=2)
+    model, cfg = hf.from_pretrained(str(src))
+    files = hf.save_pretrained(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, str(tmp_path / "out"),
+                               dtype="bfloat16", max_shard_bytes=60_000)
+    assert "model.safetensors.index.json" in files and len(files) > 3
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == len(files) - 2
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    got, want = hf_logits(reloaded.eval(), TOKENS), hf_logits(original, TOKENS)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # bf16 weights: ~3 significant digits
+
+
+def _gpt2(path):
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=384)).save_pretrained(str(path))
+
+
+def _missing_tensor(path):
+    from safetensors.numpy import load_file, save_file
+
+    save_hf(path, transformers.LlamaConfig, vocab_size=384, num_key_value_heads=2)
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("make, message", [
+    (_gpt2, "architecture GPT2LMHeadModel (model_type 'gpt2') is not supported"),
+    (_missing_tensor, "has no tensor model.layers.1.mlp.up_proj.weight"),
+])
+def test_unusable_checkpoint_is_one_error_line_before_the_workdir(tmp_path, make, message):
+    import subprocess
+    import sys
+
+    make(tmp_path / "src")
+    train_hf_bpe(tmp_path / "src" / "tokenizer.json", vocab_size=300)
+    flags = [f"--config.{k}={v}" for k, v in _finetune(tmp_path / "src").items()]
+    proc = subprocess.run([sys.executable, "-m", "train", "--config=configs/lm.py:finetune",
+                           f"--workdir={tmp_path / 'w'}", *flags],
+                          cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "--workdir={tmp}/none", "--out={tmp}/out"], "has no checkpoints/ (not a training workdir)"),
+    (["convert", "--workdir={tmp}", "--out={tmp}/out"], "expected one command (export), got convert"),
+    (["export", "--workdir={tmp}"], "--out is required"),
+])
+def test_export_cli_refusals_are_one_error_line(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    args = [a.format(tmp=tmp_path) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "train.hf", *args], cwd=REPO, env=cpu_env(1),
+                          capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: ") and message in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -3,7 +3,7 @@
 Compares lion_optax.lion (bf16, fp32 and int8 momentum, stochastic rounding, cautious)
 and lion_optax.fused_lion (int8, update and apply in one Pallas kernel on TPU; the same
 math in XLA on CPU) with optax.lion (bf16 and fp32) and optax.adamw: median wall time of the jitted, donated
-step on this machine's CPU and its ratio to ours, optimizer-state bytes per parameter, and XLA's
+step on this machine's default backend (CPU, GPU) and its ratio to ours, optimizer-state bytes per parameter, and XLA's
 `cost_analysis()["bytes accessed"]` per parameter for CPU and, when libtpu is
 installed (`pip install -e '.[tpu]'`), for one TPU v5e chip compiled ahead of time
 (see `tpu_bytes_per_param` for the TPU columns).
@@ -154,7 +154,8 @@ def main() -> None:
 
     chip = _tpu_chip()
     ours = statistics.median(runs["lion_optax bf16"]["times"])
-    header = (f"| {'optimizer':<21} | median ms | time / ours | state B/param | CPU bytes/param "
+    backend = jax.devices()[0].platform.upper()
+    header = (f"| {'optimizer':<21} | median ms | time / ours | state B/param | {backend} bytes/param "
               "| TPU v5e bytes/param (per tensor) | TPU v5e HBM bytes/param (per tensor) "
               "| TPU v5e bytes/param (whole step) | TPU v5e HBM bytes/param (whole step) |")
     print(header)

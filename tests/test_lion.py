@@ -328,14 +328,15 @@ def test_state_born_sharded_like_params_and_update_has_no_collectives():
 
 
 @pytest.mark.parametrize("options, expected", [
-    ({}, {}),
-    ({"mu_dtype": jnp.int8}, {"all-reduce": 3}),  # row maxima over a split last axis
-    ({"mu_dtype": jnp.int8, "block_size": 4}, {}),  # each block lies inside one shard
-    ({"cautious": True}, {"all-reduce": 3}),  # the per-tensor rescale
+    ({}, set()),
+    ({"mu_dtype": jnp.int8}, {"all-reduce"}),  # row maxima over a split last axis
+    ({"mu_dtype": jnp.int8, "block_size": 4}, set()),  # each block lies inside one shard
+    ({"cautious": True}, {"all-reduce"}),  # the per-tensor rescale
 ])
 def test_which_options_add_collectives_to_the_sharded_update(options, expected):
     """What docs/lion_optax.md and the `lion` docstring say about collectives, counted on one sharded
-    tree (kernels split on both axes over a 2x4 mesh)."""
+    tree (kernels split on both axes over a 2x4 mesh). Kinds, not counts: XLA's combiner merges
+    the per-tensor all-reduces into one on newer jax (3 on 0.10, 1 on 0.12)."""
     import re
 
     mesh = _mesh()
@@ -350,7 +351,7 @@ def test_which_options_add_collectives_to_the_sharded_update(options, expected):
 
     hlo = jax.jit(step).lower(params, state, params).compile().as_text()
     counts = {c: len(re.findall(rf"= \S+ {c}(-start)?\(", hlo)) for c in COLLECTIVES}
-    assert {c: n for c, n in counts.items() if n} == expected, counts
+    assert {c for c, n in counts.items() if n} == expected, counts
 
 
 def test_state_shardings_for_wrapped_optimizers():

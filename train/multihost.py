@@ -1,9 +1,11 @@
-"""Multi-process setup: Cloud TPU pods (auto-detected) or explicit coordinator flags.
+"""Multi-process setup: Cloud TPU pods and SLURM jobs (auto-detected) or explicit flags.
 
-On a multi-host TPU VM slice `jax.distributed.initialize()` discovers everything itself.
-Elsewhere (e.g. CPU tests with several processes) pass a coordinator address, process count
-and id, by flags or by the environment variables JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID. CPU processes talk through gloo collectives.
+On a multi-host TPU VM slice, and in a SLURM job step of several tasks (`srun`, one task per
+GPU node), `jax.distributed.initialize()` discovers everything itself (the coordinator is
+the first node of SLURM_JOB_NODELIST; GPUs then talk over NCCL). Elsewhere (other launchers,
+CPU tests with several processes) pass a coordinator address, process count and id, by
+flags or by the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID. CPU processes talk through gloo collectives.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from train.errors import ConfigError
 def _on_tpu_pod() -> bool:
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return len([h for h in hosts.split(",") if h]) > 1
+
+
+def _in_slurm_job_step() -> bool:
+    """Inside `srun` with more than one task (SLURM_STEP_ID is set only within a job step)."""
+    return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -36,5 +43,5 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
-    elif _on_tpu_pod():
+    elif _on_tpu_pod() or _in_slurm_job_step():
         jax.distributed.initialize()

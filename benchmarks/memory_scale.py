@@ -10,8 +10,10 @@ XLA temporaries (activations, gradients, buffers), total, and whether it fits.
   largest  the largest decoder preset (small, base, 1b, 7b, 8b) that fits each slice.
   options  ZeRO-sharded state (ViT-B/16, v4:2x2x2) and int8 Lion momentum, with and without
            the fused update-and-apply kernel (7b/8b on v5e:2x4).
+  remat    the remat policies on Llama-3-8B at seq 8192, v5p:4x4x4, batch 128: memory and
+           the compiled step's FLOPs (recompute included) against its HBM traffic.
 
-    python benchmarks/memory_scale.py [--only vit|lm|largest|options ...] [--json PATH] [--load PATH ...]
+    python benchmarks/memory_scale.py [--only vit|lm|largest|options|remat ...] [--json PATH] [--load PATH ...]
 
 A step that does not fit fails to compile with RESOURCE_EXHAUSTED; `compile_report` turns
 that into `fits: False` with the temporaries the compiler asked for, shown as "> HBM".
@@ -72,16 +74,16 @@ class Runner:
         self.reports: dict[str, dict] = {}
         self.json_path = json_path
 
-    def __call__(self, key: str, config, topology: str) -> dict:
+    def __call__(self, key: str, config, topology: str, roofline: bool = False) -> dict:
         if key not in self.reports:
             start = time.perf_counter()
             try:
-                report = aot.compile_report(config, topology, roofline=False)
+                report = aot.compile_report(config, topology, roofline=roofline)
             except Exception as e:  # a failure other than out-of-memory: keep going, show it
                 report = {"topology": topology, "optimizer": config.optimizer.name, "fits": None,
                           "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             for k in ("flops_per_step", "xla_flops_per_chip", "hbm_bytes_per_step_per_chip",
-                      "roofline_step_seconds", "roofline_mfu"):
+                      "roofline_step_seconds", "roofline_mfu") if not roofline else ():
                 report.pop(k, None)
             report["compile_seconds"] = round(time.perf_counter() - start, 1)
             self.reports[key] = report
@@ -189,7 +191,43 @@ def options_table(run: Runner) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"vit": vit_table, "lm": lm_table, "largest": largest_table, "options": options_table}
+REMAT_POLICIES = ("full", "save_qkv_proj", "save_dot_except_mlp")
+REMAT_BATCHES = (128,)  # 2 sequences of 8192 per chip (each report: ~10 min on 2 CPU cores)
+
+
+def remat_table(run: Runner) -> str:
+    """What each remat policy keeps (memory) and saves (recompute FLOPs) on the 8b step; the
+    compiled FLOPs come from the roofline's 1- and 2-layer probes (train.aot)."""
+    from train import hardware
+
+    chip = hardware.CHIPS["v5p"]
+    lines = ["Remat policies, `configs/lm.py:8b` (seq 8192, Lion) on v5p:4x4x4 (64 chips); compute = "
+             "XLA's FLOPs of the compiled step (recompute included) / bf16 peak, HBM = its bytes / "
+             "bandwidth:", "",
+             "| batch | remat | temporaries GiB/chip | total GiB/chip | fits | XLA TFLOP/chip | compute ms | HBM ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for batch in REMAT_BATCHES:
+        for policy in REMAT_POLICIES:
+            c = lm_configs.get_config("8b")
+            c.batch_size, c.model.remat = batch, policy
+            r = run(f"remat/8b/v5p:4x4x4/{batch}/{policy}", c, "v5p:4x4x4", roofline=True)
+            if "error" in r:
+                lines.append(f"| {batch} | {policy} | error: {r['error'][:80]} | | | | | |")
+                continue
+            total = gib(r["total_bytes_per_chip"]) if "total_bytes_per_chip" in r else f"> {gib(r['hbm_bytes_per_chip'])}"
+            temp = gib(r["temp_bytes_per_chip"]) if "temp_bytes_per_chip" in r else "?"
+            if "xla_flops_per_chip" not in r:
+                lines.append(f"| {batch} | {policy} | {temp} | {total} | {'yes' if r['fits'] else 'no'} | | | |")
+                continue
+            flops, hbm = r["xla_flops_per_chip"], r["hbm_bytes_per_step_per_chip"]
+            lines.append(f"| {batch} | {policy} | {temp} | {total} | {'yes' if r['fits'] else 'no'} | "
+                         f"{flops / 1e12:.1f} | {flops / chip.peak_flops * 1e3:.0f} | "
+                         f"{hbm / chip.hbm_bandwidth * 1e3:.0f} |")
+    return "\n".join(lines)
+
+
+TABLES = {"vit": vit_table, "lm": lm_table, "largest": largest_table, "options": options_table,
+          "remat": remat_table}
 
 
 def main() -> None:

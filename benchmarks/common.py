@@ -1,5 +1,5 @@
 """What the benchmark scripts share: the compile-only environment, the shortened demo tasks,
-and one training run read back from its metrics.
+one training run read back from its metrics, and a train step timed as the trainer runs it.
 
 Run a benchmark as `python benchmarks/NAME.py` (this folder is then first on `sys.path`) and
 import this module before anything that loads jax: the environment below must be set first.
@@ -18,10 +18,15 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
 
 from configs import lm as lm_configs  # noqa: E402
 from configs import vit as vit_configs  # noqa: E402
-from train import trainer  # noqa: E402
+from train import data as data_lib  # noqa: E402
+from train import mesh as mesh_lib  # noqa: E402
+from train import setup, trainer  # noqa: E402
 
 VIT_STEPS, LM_STEPS = 800, 300  # the demo tasks' lengths
 
@@ -69,3 +74,28 @@ def train_and_read(config, root: str) -> tuple[dict, list[dict]]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return last, rows
+
+
+class StepRunner:
+    """One config's state and jitted train step, built by `train.setup.build` as the trainer's."""
+
+    def __init__(self, config):
+        self.config = config
+        built = setup.build(config)
+        self.context = built.context
+        self.state = built.init_state()
+        self.step = built.train_step
+        batches = data_lib.make_train_iterator(config.data, config.batch_size, config.seed)
+        self.batch = mesh_lib.to_global_batch(next(batches), built.mesh)  # reused: times compute only
+        self.flops_per_step = built.task.flops_per_example() * config.batch_size
+        self.seconds: list[float] = []  # per-step time of each timed round
+        self.run(2)  # compile and warm up
+
+    def run(self, num_steps: int) -> float:
+        """Seconds per step over `num_steps` steps, waiting for the last one."""
+        with self.context():
+            start = time.perf_counter()
+            for _ in range(num_steps):
+                self.state, metrics = self.step(self.state, self.batch)
+            jax.block_until_ready((self.state, metrics))
+        return (time.perf_counter() - start) / num_steps

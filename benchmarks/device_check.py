@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,8 +27,9 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-if "--dry-run" in sys.argv:  # tiny sizes on whatever backend is there; the CPU by default
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The dry run is on the CPU; otherwise the default backend (an explicit empty JAX_PLATFORMS,
+# which benchmarks/common.py's CPU default leaves alone).
+os.environ.setdefault("JAX_PLATFORMS", "cpu" if "--dry-run" in sys.argv else "")
 
 import jax  # noqa: E402
 import jaxlib  # noqa: E402
@@ -38,10 +38,8 @@ sys.path[:0] = [REPO, HERE]
 
 
 def _env(dry: bool) -> dict:
-    """The subprocesses' environment: the CPU for a dry run, else the default backend (an
-    explicit empty JAX_PLATFORMS, which benchmarks/common.py leaves alone)."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu" if dry else os.environ.get("JAX_PLATFORMS", ""),
-            "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    """The subprocesses' environment: this one's backend choice, the repository importable."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
 def device_section(dry: bool) -> dict:
@@ -85,10 +83,9 @@ def _step_config(optimizer: str, attention: str, dry: bool):
 
 
 def train_step_section(dry: bool) -> dict:
-    from train import mesh as mesh_lib
+    import common  # the trainer's state and jitted step, timed without a host sync per step
+
     from train import metrics as metrics_lib
-    from train import data as data_lib
-    from train import setup
 
     steps, rows = (3 if dry else 10), []
     for attention in ("auto", "xla"):
@@ -97,32 +94,19 @@ def train_step_section(dry: bool) -> dict:
             row = {"optimizer": optimizer, "attention": attention, "batch": config.batch_size,
                    "seq_len": config.data.seq_len}
             try:
-                built = setup.build(config)
-                state = built.init_state()
-                batch = mesh_lib.to_global_batch(
-                    next(data_lib.make_train_iterator(config.data, config.batch_size, config.seed)), built.mesh)
-                times = []
-                with built.context():
-                    start = time.perf_counter()
-                    state, m = built.train_step(state, batch)
-                    jax.block_until_ready((state, m))
-                    row["compile_and_first_step_s"] = round(time.perf_counter() - start, 2)
-                    for _ in range(steps):
-                        start = time.perf_counter()
-                        state, m = built.train_step(state, batch)
-                        jax.block_until_ready((state, m))
-                        times.append(time.perf_counter() - start)
-                seconds = statistics.median(times)
-                flops = built.task.flops_per_example() * config.batch_size
+                start = time.perf_counter()
+                runner = common.StepRunner(config)  # builds, initializes, compiles, 2 warm-up steps
+                row["compile_and_first_step_s"] = round(time.perf_counter() - start, 2)
+                seconds = runner.run(steps)
                 peak = metrics_lib.peak_flops_total()
                 row.update(ms_per_step=round(seconds * 1e3, 2),
                            tokens_per_s=round(config.batch_size * config.data.seq_len / seconds),
-                           mfu=round(flops / seconds / peak, 4) if peak else None,
-                           loss=float(m["loss"]), params=int(sum(x.size for x in jax.tree.leaves(state.params))))
+                           mfu=round(runner.flops_per_step / seconds / peak, 4) if peak else None,
+                           params=int(sum(x.size for x in jax.tree.leaves(runner.state.params))))
                 stats = jax.devices()[0].memory_stats() or {}
                 if "peak_bytes_in_use" in stats:
                     row["peak_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
-                del state, batch, built
+                del runner
             except Exception as e:  # noqa: BLE001 - report it, keep measuring the rest
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             rows.append(row)

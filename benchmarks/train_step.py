@@ -21,45 +21,18 @@ import statistics
 import sys
 import time
 
-import common  # noqa: F401, E402 - first: sets the environment before jax loads
+import common  # noqa: E402 - first: sets the environment before jax loads
 
 import jax  # noqa: E402
 
 from configs import lm as lm_configs  # noqa: E402
 from configs import vit as vit_configs  # noqa: E402
-from train import aot, setup  # noqa: E402
-from train import data as data_lib  # noqa: E402
-from train import mesh as mesh_lib  # noqa: E402
+from train import aot  # noqa: E402
 from train import metrics as metrics_lib  # noqa: E402
 
 # (name, config module, variant, optimizers); Lion first: ratios are relative to it.
 CPU_CASES = (("LM demo", lm_configs, "demo", ("lion", "adamw", "adafactor")),
              ("ViT demo", vit_configs, "demo", ("lion", "adamw")))
-
-
-class StepRunner:
-    """One config's state and jitted train step, built by `train.setup.build` as the trainer's."""
-
-    def __init__(self, config):
-        self.config = config
-        built = setup.build(config)
-        self.context = built.context
-        self.state = built.init_state()
-        self.step = built.train_step
-        batches = data_lib.make_train_iterator(config.data, config.batch_size, config.seed)
-        self.batch = mesh_lib.to_global_batch(next(batches), built.mesh)  # reused: times compute only
-        self.flops_per_step = built.task.flops_per_example() * config.batch_size
-        self.seconds: list[float] = []  # per-step time of each timed round
-        self.run(2)  # compile and warm up
-
-    def run(self, num_steps: int) -> float:
-        """Seconds per step over `num_steps` steps, waiting for the last one."""
-        with self.context():
-            start = time.perf_counter()
-            for _ in range(num_steps):
-                self.state, metrics = self.step(self.state, self.batch)
-            jax.block_until_ready((self.state, metrics))
-        return (time.perf_counter() - start) / num_steps
 
 
 def cpu_table(num_steps: int, rounds: int) -> str:
@@ -70,7 +43,7 @@ def cpu_table(num_steps: int, rounds: int) -> str:
             config = module.get_config(variant)
             config.optimizer.name = opt
             try:
-                runners[name, opt] = StepRunner(config)
+                runners[name, opt] = common.StepRunner(config)
             except Exception as e:  # keep timing the others; show the failure in the table
                 failed[name, opt] = type(e).__name__
                 print(f"  {name} {opt}: {type(e).__name__}: {str(e).splitlines()[0]}",

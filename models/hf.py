@@ -152,10 +152,10 @@ def _flat_range(index: tuple[slice, ...], dims: tuple[int, ...]) -> slice:
     return slice(s.start * inner, s.stop * inner)
 
 
-def _read(handle, t: _Tensor, ours: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
-    """The block `index` of our (per-layer) array `ours`, read from checkpoint tensor `t`."""
+def _read(view, t: _Tensor, ours: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """The block `index` of our (per-layer) array `ours`, read from `view` (a safetensors
+    slice of the tensor `t` describes)."""
     index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, ours))
-    view = handle.get_slice(t.name)
     if not t.split:
         return np.asarray(view[index])
     ins, outs = ours[:t.split], ours[t.split:]
@@ -177,12 +177,9 @@ class Checkpoint:
         if index.exists():
             self.files = dict(json.loads(index.read_text())["weight_map"])
         elif (self.path / "model.safetensors").exists():
-            self.files = {name: "model.safetensors" for name in self._names("model.safetensors")}
+            self.files = {name: "model.safetensors" for name in self.handle("model.safetensors").keys()}
         else:
             raise HFCheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json")
-
-    def _names(self, file: str) -> list[str]:
-        return list(self.handle(file).keys())
 
     def handle(self, file: str):
         if file not in self._handles:
@@ -210,7 +207,7 @@ class Checkpoint:
         return tuple(self.handle(self.files[name]).get_slice(name).get_shape())
 
     def read(self, name: str, t: _Tensor, ours, index) -> np.ndarray:
-        return _read(self.handle(self.files[name]), dataclasses.replace(t, name=name), ours, index)
+        return _read(self.handle(self.files[name]).get_slice(name), t, ours, index)
 
 
 def _leaf_tensors(cfg, path: tuple, t: _Tensor, shape: tuple[int, ...]):
@@ -234,30 +231,35 @@ def _key(cfg, path: tuple) -> tuple:
     return path[:1] + path[2:] if path[0] == "layers" and not cfg.scan_layers else path
 
 
-def _layer_leaves(cfg: decoder.DecoderConfig):
-    """(our leaf path, tensor, per-layer shape) of every parameter, from `cfg` alone."""
-    d, h, k, q, f, v = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim,
-                        cfg.vocab_size)
-    shapes = {("embed",): (v, d), ("final_norm", "scale"): (d,), ("lm_head",): (d, v),
-              ("layers", "attn", "query"): (d, h, q), ("layers", "attn", "key"): (d, k, q),
-              ("layers", "attn", "value"): (d, k, q), ("layers", "attn", "out"): (h, q, d),
-              ("layers", "mlp", "gate"): (d, f), ("layers", "mlp", "up"): (d, f),
-              ("layers", "mlp", "down"): (f, d), ("layers", "attn_norm", "scale"): (d,),
-              ("layers", "mlp_norm", "scale"): (d,)}
-    for path, t in tensor_map(cfg).items():
-        yield path, t, shapes[path]
+def abstract_params(cfg: decoder.DecoderConfig) -> dict:
+    """The decoder's parameters as a pure dict of ShapeDtypeStructs (nothing allocated)."""
+    from models import partitioning
+
+    with partitioning.sharding_context(None):
+        model = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _checked_tensors(ckpt: Checkpoint, cfg, tensors, leaf_path: tuple, shape: tuple[int, ...]):
+    """(tensor, [(name, per-layer shape)]) of one of our leaves, each name present in `ckpt`
+    in the shape `cfg` implies; HFCheckpointError naming the first that is not."""
+    t = tensors.get(_key(cfg, leaf_path))
+    if t is None:
+        raise HFCheckpointError(f"no checkpoint tensor maps to parameter {'/'.join(map(str, leaf_path))}")
+    parts = _leaf_tensors(cfg, leaf_path, t, shape)
+    for name, ours in parts:
+        want, got = _hf_shape(t, ours), ckpt.shape(name)
+        if got != want:
+            raise HFCheckpointError(f"tensor {name} has shape {got}, config.json implies {want}")
+    return t, parts
 
 
 def check_tensors(path: str, cfg: decoder.DecoderConfig) -> None:
     """Raises HFCheckpointError naming the first tensor `cfg` needs that the checkpoint at
     `path` lacks or holds in another shape (reads only the safetensors headers)."""
-    ckpt = Checkpoint(path)
-    for leaf_path, t, shape in _layer_leaves(cfg):
-        names = [t.name.format(i=i) for i in range(cfg.num_layers)] if leaf_path[0] == "layers" else [t.name]
-        for name in names:
-            want, got = _hf_shape(t, shape), ckpt.shape(name)
-            if got != want:
-                raise HFCheckpointError(f"tensor {name} has shape {got}, config.json implies {want}")
+    ckpt, tensors = Checkpoint(path), tensor_map(cfg)
+    for leaf_path, leaf in _walk(abstract_params(cfg)):
+        _checked_tensors(ckpt, cfg, tensors, leaf_path, tuple(leaf.shape))
 
 
 def load_params(path: str, cfg: decoder.DecoderConfig, abstract_params: dict) -> dict:
@@ -267,14 +269,7 @@ def load_params(path: str, cfg: decoder.DecoderConfig, abstract_params: dict) ->
     ckpt, tensors = Checkpoint(path), tensor_map(cfg)
     out: dict = {}
     for leaf_path, leaf in _walk(abstract_params):
-        t = tensors.get(_key(cfg, leaf_path))
-        if t is None:
-            raise HFCheckpointError(f"no checkpoint tensor maps to parameter {'/'.join(map(str, leaf_path))}")
-        parts = _leaf_tensors(cfg, leaf_path, t, tuple(leaf.shape))
-        for name, ours in parts:
-            want, got = _hf_shape(t, ours), ckpt.shape(name)
-            if got != want:
-                raise HFCheckpointError(f"tensor {name} has shape {got}, config.json implies {want}")
+        t, parts = _checked_tensors(ckpt, cfg, tensors, leaf_path, tuple(leaf.shape))
         stacked = leaf_path[0] == "layers" and cfg.scan_layers
 
         def block(index, parts=parts, t=t, stacked=stacked, dtype=leaf.dtype, shape=leaf.shape):
@@ -303,10 +298,10 @@ def from_pretrained(path: str, **overrides: Any) -> tuple[decoder.Decoder, decod
     from models import partitioning
 
     cfg = decoder_config(read_config(path), **overrides)
-    with partitioning.sharding_context(None):
+    with partitioning.sharding_context(None):  # abstract: nothing is initialized
         model = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
-    abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    nnx.replace_by_pure_dict(state := nnx.state(model, nnx.Param), load_params(path, cfg, abstract))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, load_params(path, cfg, nnx.to_pure_dict(state)))
     nnx.update(model, state)
     return model, cfg
 
@@ -346,10 +341,9 @@ def hf_tensors(params: dict, cfg: decoder.DecoderConfig, fetch=None):
     for leaf_path, leaf in _walk(params):
         t = tensors[_key(cfg, leaf_path)]
         value = fetch(leaf)
-        stacked = leaf_path[0] == "layers" and cfg.scan_layers
-        layers = enumerate(value) if stacked else [(leaf_path[1] if leaf_path[0] == "layers" else None, value)]
-        for i, v in layers:
-            name = t.name.format(i=i) if i is not None else t.name
+        names = [name for name, _ in _leaf_tensors(cfg, leaf_path, t, value.shape)]
+        values = value if leaf_path[0] == "layers" and cfg.scan_layers else [value]
+        for name, v in zip(names, values, strict=True):
             if t.split:
                 v = v.reshape(math.prod(v.shape[:t.split]), -1).T
             yield name, np.ascontiguousarray(v)

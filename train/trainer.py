@@ -180,8 +180,9 @@ def _train(built: setup.Run, workdir, train_iter, eval_batches) -> dict[str, flo
     peak = metrics_lib.peak_flops_total()
     meta = {"config": config_dict, "mesh": dict(mesh.shape), "process_count": jax.process_count(),
             "data_iterator": "step" if isinstance(train_iter, data_lib.StepIterator) else "stream"}
-    if task.hf_config() is not None:  # what `python -m train.hf export` writes as config.json
-        meta["hf_config"] = task.hf_config()
+    hf_config = task.hf_config()  # what `python -m train.hf export` writes as config.json
+    if hf_config is not None:
+        meta["hf_config"] = hf_config
     halt_on_nonfinite = config.on_nonfinite == "halt"
     logger = metrics_lib.MetricsLogger(workdir, config.num_steps, start)
     logger.event(start, "start")

@@ -302,6 +302,12 @@ def test_hugging_face_tokenizer_json_roundtrip_and_pipeline(data_dir, tmp_path):
     assert with_bos.cache_tag != tok.cache_tag and not tok.add_bos  # the cached one is not changed
     with pytest.raises(UserError, match="no beginning-of-text token"):
         tokenizer.make_tokenizer("bytes", add_bos=True)
+    # A document that mentions a special token holds its text, not the token: no eos, no bos
+    # (hence no segment break or masked target) in the middle of a document.
+    mention = 'EOS = "<|end_of_text|>"  # and <|begin_of_text|>'
+    ids = with_bos.encode_document(mention).tolist()
+    assert ids[0] == bos and ids[-1] == tok.eos_id and {bos, tok.eos_id}.isdisjoint(ids[1:-1]), ids
+    assert tok.decode(ids[1:-1]) == mention
     # transformers' tokenizer_config.json beside it names the eos token.
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|begin_of_text|>"}')
     assert tokenizer.HFTokenizer(str(tmp_path / "tokenizer.json")).eos_id == reference.token_to_id("<|begin_of_text|>")

@@ -66,6 +66,30 @@ def test_layout_change_stops_naming_it_and_keeps_the_checkpoint(tmp_path, capfd,
     assert starts(workdir) == [0]
 
 
+@pytest.fixture(scope="module")
+def streamed_run(tmp_path_factory):
+    """A workdir with a step-2 checkpoint of the tiny LM reading streamed (packed) text."""
+    workdir = tmp_path_factory.mktemp("streamed") / "run"
+    trainer.run(tiny_lm(num_steps=2, checkpoint_every=2, **{"data.pack_mode": "stream"}), str(workdir))
+    return workdir
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"data.num_workers": 1}, "data.num_workers: 0 -> 1"),  # was: grain KeyError, moved to 2.corrupt
+    ({"data.seq_len": 16}, "data.seq_len: 32 -> 16"),  # was: resumed silently
+    ({"data.document_mask": True}, "data.document_mask: False -> True"),
+])
+def test_streaming_position_under_other_data_settings_stops(tmp_path, streamed_run, change, named):
+    workdir = tmp_path / "run"
+    shutil.copytree(streamed_run, workdir)
+    before = _snapshot(workdir)
+    with pytest.raises(UserError, match="checkpoint step 2 holds a streaming data position") as error:
+        trainer.run(tiny_lm(num_steps=4, checkpoint_every=2, **{"data.pack_mode": "stream", **change}),
+                    str(workdir))
+    assert named in str(error.value)
+    assert _snapshot(workdir) == before and starts(workdir) == [0]
+
+
 def test_streaming_position_saved_by_one_process_is_not_resumed_by_two(tmp_path):
     workdir = tmp_path / "stream"
     stream = {"data.pack_mode": "stream", "checkpoint_every": 2}

@@ -3,11 +3,14 @@
 Trains (or resumes) per the config. Exit codes: 0 done (or preempted and checkpointed);
 2 bad flags, config or input, one `error:` line, before anything is compiled or the workdir
 is touched (or a checkpoint that does not fit the config, left untouched); 3 halted on a
-non-finite step with `on_nonfinite=halt`; 4 a checkpoint could not be written (disk full:
+non-finite step with `on_nonfinite=halt`; 130 Ctrl-C outside the training loop (during
+training, Ctrl-C saves like SIGTERM and exits 0; a second one exits 130 at once); 4 a checkpoint could not be written (disk full:
 the partial save is removed, older checkpoints are intact).
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,7 +30,6 @@ def _quiet_orbax_failures() -> None:
     times over, and asyncio callbacks fail as its event loop closes; the trainer reports
     every checkpoint failure itself as one line (`error:` or `warning: skipped`), so those
     repeats are kept off the console."""
-    import sys
     import threading
 
     def drop_orbax_errors(record):
@@ -56,6 +58,9 @@ def main(argv: list[str]) -> None:
         cli.fail(str(e))
     except TrainingHalted as e:
         cli.fail(str(e), code=e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves on it)
+        print("interrupted: exiting (committed checkpoints are kept)", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,26 @@ checkpoints intact, and old checkpoints are only deleted after a newer save comm
 Restore targets carry the current mesh's shardings, so a checkpoint written on one mesh
 resumes on another.
 
-`restore_latest` walks back from the newest step: a checkpoint that cannot be read
-(truncated or missing files) is moved aside to `<step>.corrupt` with one warning line and
-the next older one is tried; nothing else moves a checkpoint. Hyperparameters that keep the
+Every save records a fingerprint of the state in its metadata (per leaf: the wrapping
+uint32 sum of its bit patterns, one jitted reduction on device), and a restore recomputes it:
+a flipped bit anywhere in the saved values, which the storage layer itself does not detect,
+shows as a mismatch (and a non-finite parameter in a checkpoint without a fingerprint).
+
+`restore_latest` walks back from the newest step: a checkpoint whose files are known to be
+damaged (missing or truncated files, undecodable metadata, a fingerprint mismatch) is moved
+aside to `<step>.corrupt` with one warning line and the next older one is tried. Any other
+failure to read (a permission or object-store error, a data-iterator state that cannot be
+restored) stops the run with one line naming the step and the cause, files untouched. Hyperparameters that keep the
 state's layout (lr, weight decay, betas, clipping on or off, schedule, num_steps) resume. A
 checkpoint that reads fine but does not fit the run (other parameter shapes, optimizer or
-momentum dtype; a streaming data position saved by another process count or pack mode) is
+momentum dtype; a streaming data position saved by another process count, pack mode or data settings) is
 a user error, not damage: it stops the run with one line naming what differs from the
 saved config, and the checkpoint stays where it is.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -31,6 +39,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -71,7 +80,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave(meta),
+            meta=ocp.args.JsonSave({**meta, "fingerprint": fingerprint(state)}),
         )
         try:
             self.wait_for_pending()  # a failed async save surfaces here, named by its step
@@ -136,7 +145,8 @@ class Checkpointer:
         """Restores the newest readable checkpoint (see module doc); None if there is none.
 
         `config` (the run's config as a dict) names what differs when the checkpoint does
-        not fit this run: that raises UserError and leaves the checkpoint where it is.
+        not fit this run: that raises UserError and leaves the checkpoint where it is, and
+        so does any read failure that is not known damage (CheckpointReadError).
         """
         self.manager.reload()
         for step in sorted(self.manager.all_steps(), reverse=True):
@@ -144,25 +154,34 @@ class Checkpointer:
             try:
                 saved = ocp.StandardCheckpointHandler().metadata(path / "state")
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            except Exception as e:  # unreadable metadata: damaged
-                if _not_damage(e):
-                    raise
-                self._quarantine(step, e)
+            except Exception as e:  # noqa: BLE001 - classified below
+                self._damaged_or_raise(step, e)
                 continue
             check_compatible(saved, abstract_state, step, (meta or {}).get("config"), config)
             check_data_state(meta or {}, data_iter, step, config)
             try:
-                return self.restore(step, abstract_state, data_iter)
-            except Exception as e:  # noqa: BLE001 - a read failure of checked metadata is damage
+                state = self.restore(step, abstract_state, data_iter)
+                verify(state, (meta or {}).get("fingerprint"), step)
+                return state
+            except Exception as e:  # noqa: BLE001 - classified below
                 if "tree structure" in str(e).lower():  # readable, but another state layout
                     what = _differs((meta or {}).get("config"), config, ("optimizer.", "model."),
                                     "saved by another optimizer or model")
                     raise UserError(f"checkpoint step {step}: its train state is laid out differently "
                                     f"({what}); resume with the saved settings or use a new workdir") from None
-                if _not_damage(e):
-                    raise
-                self._quarantine(step, e)
+                self._damaged_or_raise(step, e)
         return None
+
+    def _damaged_or_raise(self, step: int, error: Exception) -> None:
+        """Moves checkpoint `step` aside if `error` says its files are damaged; otherwise
+        raises it (our own UserErrors, out of memory) or a CheckpointReadError naming it."""
+        if isinstance(error, (UserError, MemoryError)) or "RESOURCE_EXHAUSTED" in str(error):
+            raise error
+        if not is_damage(error):
+            raise CheckpointReadError(
+                f"could not read checkpoint step {step} in {self.directory}: {_reason(error)}; "
+                "nothing was moved or deleted (rerun once the cause is fixed)") from None
+        self._quarantine(step, error)
 
     def _quarantine(self, step: int, error: Exception) -> None:
         path = epath.Path(self.directory) / str(step)
@@ -173,8 +192,7 @@ class Checkpointer:
                 target, n = path.parent / f"{step}.corrupt{n}", n + 1
             path.rename(target)
         multihost_utils.sync_global_devices(f"quarantine_{step}")
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        print(f"warning: skipped unreadable checkpoint {path} (moved to {step}.corrupt): {reason}",
+        print(f"warning: skipped unreadable checkpoint {path} (moved to {step}.corrupt): {_reason(error)}",
               file=sys.stderr, flush=True)
         self.manager.reload()
 
@@ -210,10 +228,71 @@ class Checkpointer:
 
 
 
-def _not_damage(error: Exception) -> bool:
-    """Errors that say nothing about the files: out of memory, interrupts, our own checks."""
-    text = str(error)
-    return isinstance(error, (UserError, MemoryError)) or "RESOURCE_EXHAUSTED" in text
+class CheckpointDamage(Exception):
+    """A checkpoint read back without error holds other values than were saved."""
+
+
+class CheckpointReadError(UserError):
+    """A checkpoint could not be read for a reason that says nothing about its files
+    (permissions, an object store, an iterator state that does not restore): exit 2."""
+
+
+# tensorstore status codes of files that are missing, cut short or do not decode.
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+
+
+def is_damage(error: BaseException) -> bool:
+    """True for errors known to mean a checkpoint's files are damaged: missing or truncated
+    files, metadata that does not decode, a fingerprint mismatch. Permission, network and
+    other errors are not: they may pass, and the checkpoint may be good."""
+    if isinstance(error, (CheckpointDamage, FileNotFoundError, json.JSONDecodeError)):
+        return True
+    if isinstance(error, OSError):  # permissions, timeouts, a full or unmounted disk
+        return False
+    return isinstance(error, ValueError) and str(error).startswith(_DAMAGE_CODES)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    first = text.splitlines()[0][:200] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _leaf_bits(x: jax.Array) -> jax.Array:
+    """`x`'s bit patterns as uint32 (each element zero-extended from its own width)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_sums(leaves):
+    return jnp.stack([jnp.sum(_leaf_bits(x), dtype=jnp.uint32) for x in leaves])
+
+
+def fingerprint(state) -> dict[str, list]:
+    """{leaf path: [dtype name, wrapping uint32 sum of its bit patterns]}: any single
+    flipped bit changes its leaf's sum; the sum does not depend on the sharding."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
+    sums = np.asarray(jax.device_get(_leaf_sums(list(leaves))))
+    return {jax.tree_util.keystr(p): [np.dtype(x.dtype).name, int(v)]
+            for p, x, v in zip(paths, leaves, sums)}
+
+
+def verify(state, saved: dict | None, step: int) -> None:
+    """Raises CheckpointDamage if the restored `state` differs from the `saved` fingerprint
+    (leaves restored in another dtype are not compared), or, for a checkpoint saved without
+    one, if a parameter is not finite (a run never saves non-finite parameters)."""
+    if saved:
+        for name, (dtype, value) in fingerprint(state).items():
+            if name in saved and saved[name][0] == dtype and saved[name][1] != value:
+                raise CheckpointDamage(f"checkpoint step {step}: {name} does not match the "
+                                       "fingerprint saved with it (the data files were altered)")
+    elif not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.params)):
+        raise CheckpointDamage(f"checkpoint step {step}: restored parameters are not finite")
 
 
 def config_diff(saved: dict | None, current: dict | None, prefixes: tuple[str, ...]) -> list[str]:
@@ -274,6 +353,12 @@ def check_compatible(saved_metadata, abstract_state, step: int, saved_config: di
                         f"optimizer ({what}); resume with the saved settings or use a new workdir")
 
 
+# What a streaming data position depends on: the documents, their order and tokenization,
+# how they are packed, and grain's per-worker iterator state.
+STREAM_POSITION_KEYS = ("data.name", "data.train_split", "data.text_key", "data.tokenizer", "data.add_bos",
+                        "data.seq_len", "data.document_mask", "data.num_workers", "seed")
+
+
 def check_data_state(meta: dict, data_iter, step: int, config: dict | None = None) -> None:
     """Raises UserError if checkpoint `step`'s data-iterator state cannot position
     `data_iter`: a streaming iterator's state is per process, so it needs the same kind of
@@ -284,6 +369,12 @@ def check_data_state(meta: dict, data_iter, step: int, config: dict | None = Non
         what = _differs(meta.get("config"), config, ("data.",), f"a {saved_kind} data iterator")
         raise UserError(f"checkpoint step {step} holds the state of a {saved_kind} data iterator, this "
                         f"run reads {kind} data ({what}); resume with the saved data settings")
+    if kind == "stream":
+        changed = config_diff(meta.get("config"), config, STREAM_POSITION_KEYS) if meta.get("config") and config else []
+        if changed:
+            raise UserError(f"checkpoint step {step} holds a streaming data position that means nothing "
+                            f"under the new data settings ({'; '.join(changed[:4])}): resume with the saved "
+                            "settings, or use data.pack_mode=cache (positioned by the step)")
     saved_procs = meta.get("process_count")
     if kind == "stream" and saved_procs is not None and saved_procs != jax.process_count():
         raise UserError(f"checkpoint step {step} holds the streaming data position of {saved_procs} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 
 from absl import flags
@@ -62,6 +63,35 @@ def unknown_key_message(argv: list[str], config=None) -> str | None:
     return None
 
 
+def expand_home(value):
+    """`~/x` (and `hf:~/x`) with the home directory, as a shell would have done: bash expands
+    `~` at the start of a word, not after `--flag=`. Other values are returned as they are."""
+    if isinstance(value, str):
+        scheme = "hf:" if value.startswith("hf:~") else ""
+        if value[len(scheme):].startswith("~"):
+            return scheme + os.path.expanduser(value[len(scheme):])
+    return value
+
+
+def _expand_config_paths(node) -> None:
+    for key in list(node.keys()):
+        value = node[key]
+        if hasattr(value, "keys"):
+            _expand_config_paths(value)
+        elif expand_home(value) is not value:
+            node[key] = expand_home(value)
+
+
+def _expand_flag_paths() -> None:
+    """Every string flag and string config value that starts with `~` gets the home directory."""
+    for name in list(flags.FLAGS):
+        flag = flags.FLAGS[name]
+        if isinstance(flag.value, str) and flag.value.startswith("~"):
+            flag.value = expand_home(flag.value)
+        elif hasattr(flag.value, "keys") and hasattr(flag.value, "to_dict"):  # a config_flags ConfigDict
+            _expand_config_paths(flag.value)
+
+
 def flags_parser(*required: str, commands: tuple[str, ...] = ()):
     """A `flags_parser` for `absl.app.run` that exits 2 on any parse error (unknown flag,
     unknown or mistyped `--config.key`, a config file raising) or missing `required` flag;
@@ -81,6 +111,7 @@ def flags_parser(*required: str, commands: tuple[str, ...] = ()):
                 fail(f"--{name} is required")
         if len(rest) > 1:
             fail(f"unexpected arguments: {' '.join(rest[1:])}")
+        _expand_flag_paths()
         return rest + [command] if commands else rest
 
     return parse

@@ -114,7 +114,9 @@ class HFTokenizer(_Documents):
     """A Hugging Face ``tokenizer.json`` (the `tokenizers` library: Llama-3, Mistral, GPT-2
     style BPE, ...), local or any ``etils.epath`` path.
 
-    Documents are encoded without the tokenizer's own special tokens; the end-of-document
+    Documents are encoded without the tokenizer's own special tokens, and a special token's
+    text inside a document (a file that mentions `<|end_of_text|>`) is encoded as the plain
+    text it is, never as the special id (`encode_special_tokens`); the end-of-document
     id is the ``eos_token`` of a ``tokenizer_config.json`` next to the file when there is
     one, else the first special token named like an end of text (EOS_NAMES).
     Picklable: workers rebuild the tokenizer from the JSON text.
@@ -130,7 +132,8 @@ class HFTokenizer(_Documents):
         except Exception as e:  # noqa: BLE001 - missing file, permissions, object store
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"data.tokenizer {path} cannot be read: {reason}") from None
-        self.cache_tag = "hf-" + hashlib.sha1(self._json.encode()).hexdigest()[:12]
+        # "literal-specials": caches made when special-token text still became special ids differ.
+        self.cache_tag = "hf-" + hashlib.sha1(("literal-specials" + self._json).encode()).hexdigest()[:12]
         self._tok = None
         try:
             tok = self.tok
@@ -170,6 +173,7 @@ class HFTokenizer(_Documents):
             from tokenizers import Tokenizer
 
             self._tok = Tokenizer.from_str(self._json)
+            self._tok.encode_special_tokens = True  # special-token text in a document is text
         return self._tok
 
     def encode(self, text: str | bytes) -> np.ndarray:

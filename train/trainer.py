@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -37,27 +38,38 @@ ON_NONFINITE = ("skip", "halt")
 
 
 class _Preemption:
-    """Single process: a SIGTERM handler sets a flag. Several processes: orbax's
-    preemption sync point, which makes every process stop at the same step."""
+    """Single process: SIGTERM or Ctrl-C (SIGINT) sets a flag, the loop saves at the end of
+    the step and returns; a second Ctrl-C exits at once (130) without saving. Several
+    processes: orbax's preemption sync point (SIGTERM), which makes every process stop at
+    the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, ckpt: Checkpointer):
-        self._ckpt, self._flag, self._previous = ckpt, False, None
+        self._ckpt, self._flag, self._previous = ckpt, None, {}
         self._multi = jax.process_count() > 1
 
     def __enter__(self):
         if not self._multi:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self._flag = True
+        if self._flag is not None and signum == signal.SIGINT:
+            print("interrupted again: exiting without saving", file=sys.stderr, flush=True)
+            os._exit(130)
+        self._flag = signal.Signals(signum)
+
+    @property
+    def cause(self) -> str:
+        return "interrupted" if self._flag == signal.SIGINT else "preempted"
 
     def reached(self, step: int) -> bool:
-        return self._ckpt.manager.reached_preemption(step) if self._multi else self._flag
+        return self._ckpt.manager.reached_preemption(step) if self._multi else self._flag is not None
 
     def __exit__(self, *exc):
-        if not self._multi:
-            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
 
 
 def _check_scalars(config) -> None:
@@ -210,49 +222,51 @@ def _train(built: setup.Run, workdir, train_iter, eval_batches) -> dict[str, flo
         for s in bad:
             logger.message(f"warning: step {s}: non-finite loss or gradients, update skipped")
 
-    preemption = _Preemption(ckpt)
-    try:
-        with preemption, built.context():
-            for step in range(start, config.num_steps):
-                state, metrics = train_step(state, mesh_lib.to_global_batch(next(train_iter), mesh))
-                done = step + 1
-                window.append((done, metrics))
-                steps_in_window += 1
-                if done == start + 1:  # the first step compiles: keep it out of throughput
-                    jax.block_until_ready(state.step)
-                    t_window, steps_in_window = time.perf_counter(), 0
-                preempted = preemption.reached(done)
-                save = preempted or done == config.num_steps or ckpt.due(done)
-                if done % config.log_every == 0 or done == config.num_steps:
-                    check_nonfinite()
-                    host = jax.device_get([m for _, m in window])
-                    last = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
-                    last["nonfinite_steps"] = nonfinite_total
-                    if steps_in_window:
-                        per_sec = steps_in_window / (time.perf_counter() - t_window)
-                        last.update({f"{u}_per_sec": n * per_sec for u, n in units.items()})
-                        last["mfu"] = flops_per_step * per_sec / peak
-                    logger.write(done, last)
-                    window, t_window, steps_in_window = [], time.perf_counter(), 0
-                if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
-                    eval_metrics = evaluate(eval_step, state.params, eval_batches, mesh)
-                    logger.write(done, eval_metrics)
-                    last.update(eval_metrics)
-                    t_window, steps_in_window = time.perf_counter(), 0
-                logger.advance(done)
-                if save:
-                    check_nonfinite()
-                    if not _params_finite(state.params):
-                        raise TrainingHalted(f"parameters are not finite at step {done}; not saving")
-                    ckpt.save(done, state, train_iter, {**meta, "step": done}, force=True)
-                if preempted:
-                    logger.message(f"preempted: saved step {done}, exiting")
-                    break
-    finally:
+    # The signal handlers stay until the last save has committed: a second Ctrl-C while it
+    # is written exits at once (the partial save is ignored by the next restore).
+    with _Preemption(ckpt) as preemption:
         try:
-            ckpt.close()  # waits for in-flight saves to commit
+            with built.context():
+                for step in range(start, config.num_steps):
+                    state, metrics = train_step(state, mesh_lib.to_global_batch(next(train_iter), mesh))
+                    done = step + 1
+                    window.append((done, metrics))
+                    steps_in_window += 1
+                    if done == start + 1:  # the first step compiles: keep it out of throughput
+                        jax.block_until_ready(state.step)
+                        t_window, steps_in_window = time.perf_counter(), 0
+                    preempted = preemption.reached(done)
+                    save = preempted or done == config.num_steps or ckpt.due(done)
+                    if done % config.log_every == 0 or done == config.num_steps:
+                        check_nonfinite()
+                        host = jax.device_get([m for _, m in window])
+                        last = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
+                        last["nonfinite_steps"] = nonfinite_total
+                        if steps_in_window:
+                            per_sec = steps_in_window / (time.perf_counter() - t_window)
+                            last.update({f"{u}_per_sec": n * per_sec for u, n in units.items()})
+                            last["mfu"] = flops_per_step * per_sec / peak
+                        logger.write(done, last)
+                        window, t_window, steps_in_window = [], time.perf_counter(), 0
+                    if config.eval_every and (done % config.eval_every == 0 or done == config.num_steps):
+                        eval_metrics = evaluate(eval_step, state.params, eval_batches, mesh)
+                        logger.write(done, eval_metrics)
+                        last.update(eval_metrics)
+                        t_window, steps_in_window = time.perf_counter(), 0
+                    logger.advance(done)
+                    if save:
+                        check_nonfinite()
+                        if not _params_finite(state.params):
+                            raise TrainingHalted(f"parameters are not finite at step {done}; not saving")
+                        ckpt.save(done, state, train_iter, {**meta, "step": done}, force=True)
+                    if preempted:
+                        logger.message(f"{preemption.cause}: saved step {done}, exiting")
+                        break
         finally:
-            logger.close()
+            try:
+                ckpt.close()  # waits for in-flight saves to commit
+            finally:
+                logger.close()
     if config.get("sample_steps") and start < config.num_steps and not preempted:
         text = sample_text(built, state.params)
         if jax.process_index() == 0:

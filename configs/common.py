@@ -1,6 +1,9 @@
 """Fields shared by every training config (see configs/vit.py and configs/lm.py)."""
 
+import dataclasses
+
 import ml_collections
+import numpy as np
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -60,3 +63,38 @@ def adamw(lr: float, wd: float, b1: float = 0.9, b2: float = 0.999, eps: float =
 
 def adafactor(lr: float, wd: float):
     return ml_collections.ConfigDict(dict(learning_rate=lr, weight_decay=wd))
+
+
+# Model fields that come from elsewhere: the vocabulary from data.vocab_size (or the tokenizer),
+# an image's size, channels and classes from config.data, rope scaling from a checkpoint.
+_FROM_ELSEWHERE = ("vocab_size", "rope_scaling", "image_size", "num_classes", "channels")
+
+
+def model_fields(family: str, name: str, **values) -> ml_collections.ConfigDict:
+    """`config.model` of a preset holding every field of the model's config (the preset's
+    values, then `values`), so any of them can be overridden on the command line
+    (`--config.model.num_layers=4`). Fields the model derives when unset (head_dim) stay
+    None: overriding d_model then still gives d_model // num_heads."""
+    from models import decoder, vit
+
+    if family == "lm":
+        head, built = dict(family="lm", size=name), decoder.decoder_config(name, **values)
+        cls = decoder.DecoderConfig
+    else:
+        head, built = dict(family="vit", variant=name), vit.vit_config(name, **values)
+        cls = vit.ViTConfig
+    c = ml_collections.ConfigDict(head)
+    for field in dataclasses.fields(cls):
+        if field.name in _FROM_ELSEWHERE:
+            continue
+        if field.name in values:
+            value = values[field.name]
+        elif field.default is None:  # derived by the model unless set
+            kind = str(field.type).split("|")[0].strip()
+            value = ml_collections.config_dict.placeholder({"int": int, "float": float}[kind])
+        else:
+            value = getattr(built, field.name)
+            if field.name in ("dtype", "param_dtype"):
+                value = np.dtype(value).name
+        c[field.name] = value
+    return c

@@ -16,7 +16,7 @@ AdamW baseline with the same 10x mapping.
 import ml_collections
 
 from configs import common
-from configs.data import BYTE_VOCAB_SIZE, data_config
+from configs.data import data_config
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
@@ -33,12 +33,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.data = data_config("python_stdlib_text")
         # document_mask off: the demo results in docs/results.md were measured with packed
         # source files attending across file boundaries (most 128-byte windows lie in one file).
-        c.data.update(dict(seq_len=128, tokenizer="bytes", vocab_size=BYTE_VOCAB_SIZE,
-                           eval_max_batches=8, document_mask=False))
-        c.model = ml_collections.ConfigDict(dict(
-            family="lm", size="tiny", d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
-            ffn_dim=384, max_seq_len=512, scan_layers=True, remat="none", dtype="float32",
-            attention="auto"))
+        # vocab_size None: the tokenizer's (bytes: 257), padded to a multiple of 128 in the model;
+        # a --config.data.tokenizer=tokenizer.json brings its own size.
+        c.data.update(dict(seq_len=128, tokenizer="bytes", eval_max_batches=8, document_mask=False))
+        c.data.vocab_size = ml_collections.config_dict.placeholder(int)
+        c.model = common.model_fields(
+            "lm", "tiny", d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_dim=384,
+            max_seq_len=512, scan_layers=True, remat="none", dtype="float32", attention="auto")
         c.num_steps, c.batch_size = 900, 32
         c.log_every, c.eval_every, c.checkpoint_every = 50, 300, 300
         c.optimizer.warmup_steps = 100
@@ -61,9 +62,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     # of it at every eval on every process.
     c.data.update(dict(seq_len=seq_len, tokenizer="", vocab_size=vocab,
                        eval_max_batches=-(-50_000_000 // (seq_len * batch))))
-    c.model = ml_collections.ConfigDict(dict(
-        family="lm", size=arg.split("-")[0], max_seq_len=seq_len, scan_layers=True, remat="full",
-        dtype="bfloat16", attention="auto"))
+    c.model = common.model_fields("lm", arg.split("-")[0], max_seq_len=seq_len, scan_layers=True,
+                                  remat="full", dtype="bfloat16", attention="auto")
     # The output head and loss run 1024 positions at a time (models.lm_loss): the 8b's
     # float32 logits over 128k tokens would otherwise be the step's largest temporaries.
     c.loss_chunk = 1024
@@ -97,10 +97,11 @@ def finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """
     c.init_from = ""  # required: hf:PATH
     c.data = data_config("c4")
-    # vocab_size None: the checkpoint's; document masking and bos as Llama models train.
-    c.data.update(dict(seq_len=2048, tokenizer="", vocab_size=None, add_bos=True,
-                       eval_max_batches=16))
+    # vocab_size None: the checkpoint's; seq_len None: the checkpoint's context, at most 2048;
+    # document masking and bos as Llama models train.
+    c.data.update(dict(tokenizer="", add_bos=True, eval_max_batches=16))
     c.data.vocab_size = ml_collections.config_dict.placeholder(int)
+    c.data.seq_len = ml_collections.config_dict.placeholder(int)
     c.model = ml_collections.ConfigDict(dict(
         family="lm", scan_layers=True, remat="full", dtype="bfloat16", attention="auto"))
     c.loss_chunk = 1024

@@ -30,10 +30,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.data.augment.random_resized_crop = True
         c.data.augment.crop_scale = (0.6, 1.0)
         c.data.augment.flip = False  # digits are not mirror-symmetric
-        c.model = ml_collections.ConfigDict(dict(
-            family="vit", variant="Ti/2", width=64, depth=4, mlp_dim=128, num_heads=4,
-            pool_type="gap", posemb="learn", head_zero_init=True, dropout=0.0, scan_layers=True,
-            remat="none", dtype="float32", attention="auto"))
+        c.model = common.model_fields(
+            "vit", "Ti/2", width=64, depth=4, mlp_dim=128, num_heads=4, pool_type="gap", posemb="learn",
+            head_zero_init=True, dropout=0.0, scan_layers=True, remat="none", dtype="float32", attention="auto")
         c.num_steps, c.batch_size = 1500, 128
         c.log_every, c.eval_every, c.checkpoint_every = 50, 500, 500
         c.optimizer.warmup_steps = 100
@@ -44,11 +43,11 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     if arg not in ("Ti/16", "S/16", "B/16", "L/16"):
         raise ValueError(f"configs/vit.py: unknown variant {arg!r}; use demo, Ti/16, S/16, B/16 or L/16")
     c.data = data_config("imagenet2012")  # 224 px, crop + flip, center-crop eval
-    c.model = ml_collections.ConfigDict(dict(
-        family="vit", variant=arg, pool_type="tok", posemb="learn", head_zero_init=True,
-        # Saving only matmul outputs keeps B/16 at batch 4096 within 8 v4 chips (27 GiB of
-        # 30.75 per chip, `python -m train.aot`); without remat it needs ~99 GiB per chip.
-        dropout=0.0, scan_layers=True, remat="save_dots", dtype="bfloat16", attention="auto"))
+    # Saving only matmul outputs keeps B/16 at batch 4096 within 8 v4 chips (27 GiB of
+    # 30.75 per chip, `python -m train.aot`); without remat it needs ~99 GiB per chip.
+    c.model = common.model_fields(
+        "vit", arg, pool_type="tok", posemb="learn", head_zero_init=True, dropout=0.0, scan_layers=True,
+        remat="save_dots", dtype="bfloat16", attention="auto")
     c.batch_size = 4096
     c.num_steps = 300 * IMAGENET_TRAIN_IMAGES // c.batch_size
     c.optimizer.warmup_steps = 10_000

@@ -104,6 +104,10 @@ def test_cli_exit_codes():
 def test_unknown_topology_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown TPU topology"):
         aot.topology_devices("v4:2x2x2x2")
+    # Shapes that parse but are not slices Cloud TPU provisions (libtpu accepted v4:3x3).
+    for topology in ("v4:3x3", "v4:2x2", "v5p:4x4x6", "v5e:3x3", "v6e:2x2x2"):
+        with pytest.raises(ConfigError, match=f"'{topology}' is not a {topology.split(':')[0]} slice shape"):
+            aot.topology_devices(topology)
 
 
 def test_hybrid_mesh_over_two_slices():

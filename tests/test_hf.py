@@ -192,3 +192,48 @@ def test_export_cli_refusals_are_one_error_line(tmp_path, args, message):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error: ") and message in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_first_hour_import_then_export_from_the_command_line(tmp_path):
+    """The README's fine-tune commands as pasted, with `~` paths (bash leaves `~` after `=`
+    alone), on a checkpoint whose context (48) is shorter than the preset's 2048: the
+    finetune preset follows it; num_steps=0 saves step 0, so import -> export needs no
+    training; a preset that names a model shape (demo) gives way to the checkpoint with one
+    notice line, and only a shape key set on the command line that contradicts it stops."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    original = save_hf(home / "ckpt", transformers.LlamaConfig, vocab_size=512, num_key_value_heads=2,
+                       max_position_embeddings=48)
+    train_hf_bpe(home / "ckpt" / "tokenizer.json", vocab_size=400)
+    env = {**cpu_env(1), "HOME": str(home)}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", *args], cwd=str(tmp_path), env={**env, "PYTHONPATH": REPO},
+                              capture_output=True, text=True, timeout=240)
+
+    small = ["--config.data.name=python_stdlib_text", "--config.batch_size=8", "--config.model.dtype=float32",
+             "--config.eval_every=0", "--config.num_steps=0", "--config.init_from=hf:~/ckpt"]
+    result = cli("train", f"--config={REPO}/configs/lm.py:finetune", "--workdir=~/ft", *small)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((home / "ft" / "checkpoints" / "0" / "meta" / "metadata").read_text())
+    assert meta["config"]["data"]["seq_len"] == 48  # the checkpoint's context, not 2048
+    result = cli("train.hf", "export", "--workdir=~/ft", "--out=~/ft_hf", "--dtype=float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "~").exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(home / "ft_hf")).eval()
+    np.testing.assert_allclose(hf_logits(reloaded, TOKENS[:, :40]), hf_logits(original, TOKENS[:, :40]),
+                               atol=1e-5, rtol=0)
+
+    demo = [f"--config={REPO}/configs/lm.py:demo", "--config.data.seq_len=32", *small]
+    result = cli("train", "--workdir=~/demo", *demo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    notices = [line for line in result.stderr.splitlines() if line.startswith("notice: init_from")]
+    assert len(notices) == 1 and "d_model" in notices[0], result.stderr[-3000:]
+    assert (home / "demo" / "checkpoints" / "0").is_dir()
+    result = cli("train", "--workdir=~/demo2", *demo, "--config.model.d_model=128")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert "model.d_model=128 contradicts the checkpoint" in errors[0] and "which has 64" in errors[0]
+    assert not (home / "demo2").exists()

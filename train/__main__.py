@@ -53,7 +53,10 @@ def main(argv: list[str]) -> None:
 
     try:
         multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        trainer.run(_CONFIG.value, _WORKDIR.value)
+        from train.tasks import LanguageModeling
+
+        config = cli.checkpoint_defines_shape(_CONFIG.value, sys.argv, ("family", *LanguageModeling.HOW_TO_RUN))
+        trainer.run(config, _WORKDIR.value)
     except UserError as e:
         cli.fail(str(e))
     except TrainingHalted as e:

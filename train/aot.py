@@ -23,6 +23,7 @@ if __name__ == "__main__":  # the CLI only compiles: jax on CPU, and libtpu neve
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiling processes at once
 
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -39,6 +40,23 @@ from train.errors import ConfigError, UserError  # noqa: E402
 _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 
 
+# Slice shapes Cloud TPU provisions (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e): v5e and v6e
+# are 2-D, up to 16x16; v4 and v5p are 3-D, 2x2x1 to 2x4x4, then multiples of 4 (full cubes).
+_TWO_D = {(1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16)}
+_SMALL_3D = {(1, 2, 2), (2, 2, 2), (2, 2, 4), (2, 4, 4)}
+SLICE_SHAPES_HINT = {
+    "v5e": "one of 1x1, 2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16", "v6e": "one of 1x1, 2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16",
+    "v4": "2x2x1, 2x2x2, 2x2x4, 2x4x4, or three multiples of 4 (4x4x4, 4x4x8, ...)",
+    "v5p": "2x2x1, 2x2x2, 2x2x4, 2x4x4, or three multiples of 4 (4x4x4, 4x4x8, ...)"}
+
+
+def _is_slice_shape(generation: str, dims: list[int]) -> bool:
+    shape = tuple(sorted(dims))
+    if generation in ("v5e", "v6e"):
+        return shape in _TWO_D
+    return len(shape) == 3 and (shape in _SMALL_3D or all(d % 4 == 0 for d in shape))
+
+
 def topology_devices(topology: str, num_slices: int = 1):
     """(devices, Chip) of `num_slices` TPU slices like 'v4:2x2x2' or 'v5e:4x4' (one device
     per chip); with several slices, devices carry `slice_index` for a hybrid DCN mesh."""
@@ -47,6 +65,11 @@ def topology_devices(topology: str, num_slices: int = 1):
         raise ConfigError(
             f"unknown TPU topology {topology!r}; expected e.g. v4:2x2x2, v5e:4x4, v5p:2x2x2, v6e:2x2")
     chip = hardware.CHIPS[match.group(1)]
+    dims = [int(d) for d in match.group(2).split("x")]
+    if not _is_slice_shape(match.group(1), dims):
+        raise ConfigError(f"{topology!r} is not a {match.group(1)} slice shape: {SLICE_SHAPES_HINT[match.group(1)]}")
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError("train.aot compiles with libtpu, which is not installed: pip install -e '.[tpu]'")
     from jax.experimental import topologies
 
     if not isinstance(num_slices, int) or num_slices < 1:
@@ -54,7 +77,6 @@ def topology_devices(topology: str, num_slices: int = 1):
     kwargs = {"chip_config_name": "megacore"} if chip.megacore else {}
     if num_slices > 1:
         kwargs["num_slices"] = num_slices
-    dims = [int(d) for d in match.group(2).split("x")]
     try:
         desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
     except Exception:

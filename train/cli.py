@@ -92,6 +92,30 @@ def _expand_flag_paths() -> None:
             _expand_config_paths(flag.value)
 
 
+def command_line_keys(argv: list[str]) -> set[str]:
+    """The config keys set on the command line: {'model.num_layers', ...}."""
+    return {a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")}
+
+
+def checkpoint_defines_shape(config, argv: list[str], keep: tuple[str, ...]):
+    """With `init_from`, the model keys the preset set (not the command line) give way to the
+    checkpoint's shape, with one notice line; the keys in `keep` (how to run the model, not
+    its shape) and those set on the command line stay (the task rejects a contradiction)."""
+    if not str(config.get("init_from") or ""):
+        return config
+    user = command_line_keys(argv)
+    dropped = [k for k in config.model.keys() if k not in keep and f"model.{k}" not in user]
+    if not dropped:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for key in dropped:
+            del config.model[key]
+    print(f"notice: init_from defines the model's shape; the preset's model.{{{','.join(sorted(dropped))}}} "
+          "give way to the checkpoint's", file=sys.stderr, flush=True)
+    return config
+
+
 def flags_parser(*required: str, commands: tuple[str, ...] = ()):
     """A `flags_parser` for `absl.app.run` that exits 2 on any parse error (unknown flag,
     unknown or mistyped `--config.key`, a config file raising) or missing `required` flag;
@@ -111,6 +135,12 @@ def flags_parser(*required: str, commands: tuple[str, ...] = ()):
                 fail(f"--{name} is required")
         if len(rest) > 1:
             fail(f"unexpected arguments: {' '.join(rest[1:])}")
+        for name in list(flags.FLAGS):  # config_flags reports a config file it could not load here
+            try:
+                hasattr(flags.FLAGS[name].value, "keys")  # a config that failed to load raises on access
+            except Exception as e:  # noqa: BLE001 - a missing file, a folder, a broken get_config
+                reason = _one_line(e).split("earlier failure to load: ")[-1].strip()
+                fail(f"--{name}: cannot load the config file ({reason})")
         _expand_flag_paths()
         return rest + [command] if commands else rest
 

@@ -131,7 +131,11 @@ def _common(opt_cfg: Mapping, name: str, num_steps: int):
     Lion the rest is spelled as `lion_optax.lion` keywords plus the trainer's own keys
     (`distributed`, `vote_axis`, `fused_apply`, `kernel`)."""
     hp = dict(opt_cfg[name])
-    lr = make_schedule(float(hp.pop("learning_rate")), num_steps, opt_cfg)
+    peak = hp.pop("learning_rate")
+    if not isinstance(peak, (int, float)) or isinstance(peak, bool) or not peak >= 0:
+        raise ConfigError(f"optimizer.{name}.learning_rate must be a number >= 0 (0 freezes the "
+                          f"parameters; a negative lr climbs the loss), got {peak!r}")
+    lr = make_schedule(float(peak), num_steps, opt_cfg)
     wd = float(hp.pop("weight_decay", 0.0))
     if name == "lion":
         mu_dtype = hp.pop("mu_dtype", "bfloat16")

@@ -96,6 +96,7 @@ def build(config, devices=None) -> Run:
     mesh_lib.check_batch(config.batch_size, config.grad_accum_steps, mesh,
                          len({d.process_index for d in devices}))
     task = tasks.make_task(config)
+    config = task.resolve(config)  # e.g. data.seq_len left to the model
     mask = optim.decay_mask(task, config.optimizer)
     tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps, mask)
     apply_fn = optim.fused_apply(config.optimizer, config.num_steps, mask)

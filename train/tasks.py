@@ -21,6 +21,7 @@ from models import lm_loss
 from models import partitioning
 from models import vit as vit_lib
 from train.errors import ConfigError
+from train.tokenizer import make_tokenizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -38,6 +39,10 @@ def _model_overrides(model_cfg: Mapping, skip: tuple[str, ...]) -> dict[str, Any
     return out
 
 
+# data.seq_len when the config leaves it to the model (None): its context, at most this.
+DEFAULT_SEQ_LEN = 2048
+
+
 class _Task:
     init_from = None  # a Hugging Face checkpoint directory the parameters start from
 
@@ -47,6 +52,10 @@ class _Task:
 
     def build(self, rngs: nnx.Rngs) -> nnx.Module:
         raise NotImplementedError
+
+    def resolve(self, config):
+        """`config` with what the task derived from it filled in (LM: data.seq_len)."""
+        return config
 
     def abstract_params(self) -> tuple[dict, dict]:
         """(ShapeDtypeStructs, logical axis names) of the parameters as pure dicts, from
@@ -120,14 +129,20 @@ class LanguageModeling(_Task):
         if init_from:
             self._from_checkpoint(init_from, overrides, config.data.vocab_size)
         else:
-            # Pad the embedding/output tables to a multiple of 128 so they shard evenly and map
-            # to TPU tiles (32000 and 128256 already are; the 257-entry byte vocab becomes 384).
-            overrides.setdefault("vocab_size", -(-int(config.data.vocab_size) // 128) * 128)
+            # The vocabulary is data.vocab_size, or the tokenizer's when that is None; padded to a
+            # multiple of 128 so the tables shard evenly and map to TPU tiles (32000 and 128256
+            # already are; the 257-entry byte vocabulary becomes 384).
+            vocab = config.data.vocab_size
+            if vocab is None:
+                vocab = make_tokenizer(config.data.tokenizer).vocab_size
+            overrides.setdefault("vocab_size", -(-int(vocab) // 128) * 128)
             try:
                 self.model_config = decoder_lib.decoder_config(config.model.size, **overrides)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"model: {e}") from None
-        self.seq_len = int(config.data.seq_len)
+        # data.seq_len None: the model's context, at most DEFAULT_SEQ_LEN (configs/lm.py:finetune).
+        seq_len = config.data.seq_len
+        self.seq_len = int(seq_len) if seq_len is not None else min(DEFAULT_SEQ_LEN, self.model_config.max_seq_len)
         self.document_mask = bool(config.data.document_mask)
         if self.seq_len > self.model_config.max_seq_len:
             raise ConfigError(
@@ -144,8 +159,10 @@ class LanguageModeling(_Task):
             raise ConfigError(f"loss_vocab_chunks {self.loss_vocab_chunks} must be >= 1 and divide the "
                               f"model's vocab_size {vocab}")
 
-    # What config.model may still set when the architecture comes from a checkpoint.
-    RUN_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "max_seq_len")
+    # What config.model may still set when the architecture comes from a checkpoint: how to run
+    # it, and a cap on its context.
+    HOW_TO_RUN = ("dtype", "param_dtype", "scan_layers", "remat", "attention")
+    RUN_FIELDS = (*HOW_TO_RUN, "max_seq_len")
 
     def _from_checkpoint(self, init_from: str, overrides: dict, data_vocab) -> None:
         """`init_from='hf:PATH'`: the model config from PATH's config.json (checked against
@@ -153,21 +170,34 @@ class LanguageModeling(_Task):
         if not init_from.startswith("hf:"):
             raise ConfigError(f"init_from must be hf:PATH (a Hugging Face checkpoint directory), got {init_from!r}")
         path = init_from[len("hf:"):]
-        fixed = sorted(set(overrides) - set(self.RUN_FIELDS))
-        if fixed:
-            raise ConfigError(f"model.{fixed[0]} is fixed by the checkpoint of init_from ({path}); "
-                              "remove it from the config")
+        run = {k: v for k, v in overrides.items() if k in self.RUN_FIELDS}
         try:
             self._hf_source = hf_lib.read_config(path)
-            self.model_config = hf_lib.decoder_config(self._hf_source, **overrides)
+            self.model_config = hf_lib.decoder_config(self._hf_source, **run)
             hf_lib.check_tensors(path, self.model_config)
         except (hf_lib.HFCheckpointError, ValueError, TypeError, KeyError) as e:
             what = f"missing config.json field {e}" if isinstance(e, KeyError) else str(e)
             raise ConfigError(f"init_from {path}: {what}") from None
+        # The checkpoint defines the shape: a shape key that agrees with it is harmless, one that
+        # contradicts it is an error (the CLI drops a preset's own shape keys, train.cli).
+        for key, value in sorted(overrides.items()):
+            if key in run or value is None:
+                continue
+            have = getattr(self.model_config, key, None)
+            if have != value:
+                raise ConfigError(f"model.{key}={value!r} contradicts the checkpoint of init_from ({path}), "
+                                  f"which has {have!r}: the checkpoint defines the model's shape; remove it")
         self.init_from = path
         if data_vocab is not None and int(data_vocab) > self.model_config.vocab_size:
             raise ConfigError(f"data.vocab_size={data_vocab} exceeds the vocabulary of the checkpoint "
                               f"{path} ({self.model_config.vocab_size})")
+
+    def resolve(self, config):
+        if config.data.seq_len == self.seq_len:
+            return config
+        config = config.copy_and_resolve_references()
+        config.data.seq_len = self.seq_len
+        return config
 
     def hf_config(self) -> dict:
         return hf_lib.hf_config(self.model_config, base=getattr(self, "_hf_source", None))

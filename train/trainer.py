@@ -158,6 +158,7 @@ def run(config, workdir: str) -> dict[str, float]:
     _check_scalars(config)
     config = _with_checkpoint_tokenizer(config)
     built = setup.build(config)  # mesh, model, optimizer, shardings, steps: nothing allocated
+    config = built.config  # with what the task derived (data.seq_len)
     if built.task.init_from and config.data.kind == "text":
         need, have = data_lib.get_vocab_size(config.data), built.task.model_config.vocab_size
         if need > have:
@@ -181,9 +182,8 @@ def _train(built: setup.Run, workdir, train_iter, eval_batches) -> dict[str, flo
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                         config.keep_checkpoints)
     config_dict = json.loads(config.to_json_best_effort())
-    state = ckpt.restore_latest(built.abstract_state, train_iter, config_dict)
-    if state is None:
-        state = built.init_state()
+    restored = ckpt.restore_latest(built.abstract_state, train_iter, config_dict)
+    state = restored if restored is not None else built.init_state()
     start = int(jax.device_get(state.step))
     train_step, eval_step = built.train_step, built.eval_step
 
@@ -226,6 +226,8 @@ def _train(built: setup.Run, workdir, train_iter, eval_batches) -> dict[str, flo
     # is written exits at once (the partial save is ignored by the next restore).
     with _Preemption(ckpt) as preemption:
         try:
+            if restored is None and config.num_steps == 0 and task.init_from:  # import, then export
+                ckpt.save(0, state, train_iter, {**meta, "step": 0}, force=True)
             with built.context():
                 for step in range(start, config.num_steps):
                     state, metrics = train_step(state, mesh_lib.to_global_batch(next(train_iter), mesh))

@@ -16,6 +16,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 500
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    # > 0: a jax.profiler trace of this many steps (from the third step of the run on) in
+    # workdir/tb, for TensorBoard's profile tab or xprof.
+    c.profile_steps = 0
     c.on_nonfinite = "skip"  # NaN/Inf loss or grads: "skip" the update (counted) or "halt"
     # "hf:PATH": the decoder's architecture and starting parameters from a Hugging Face
     # checkpoint directory (config.json + *.safetensors); the optimizer state starts fresh.

@@ -51,6 +51,7 @@ def main(argv: list[str]) -> None:
     _quiet_orbax_failures()
     from train import multihost, trainer
 
+    multihost.skip_tpu_probe_without_chips()
     try:
         multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         from train.tasks import LanguageModeling

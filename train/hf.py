@@ -155,6 +155,7 @@ def main(argv: list[str]) -> None:
     from train import multihost
 
     try:
+        multihost.skip_tpu_probe_without_chips()
         multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         files = export(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value,
                        int(_MAX_SHARD_GB.value * 2**30))

@@ -77,6 +77,8 @@ class MetricsLogger:
                          disable=None)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Appends `metrics` of `step`; on the console, eval metrics get a line of their own,
+        and train metrics a line each time when there is no progress bar (a log file)."""
         if not self.enabled:
             return
         clean = {k: _to_float(v) for k, v in metrics.items()}
@@ -86,6 +88,21 @@ class MetricsLogger:
         shown = {k: f"{clean[k]:.4g}" for k in ("loss", "eval_loss", "tokens_per_sec", "examples_per_sec") if k in clean}
         if shown:
             self._bar.set_postfix(shown, refresh=False)
+        if any(k.startswith("eval_") for k in clean):
+            evals = sorted((k[len("eval_"):], v) for k, v in clean.items() if k.startswith("eval_"))
+            evals.sort(key=lambda kv: kv[0] != "loss")  # loss first
+            self._line(f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in evals))
+        elif "loss" in clean and self._bar.disable:
+            self._line(train_line(step, self._bar.total, clean))
+
+    def _line(self, text: str) -> None:
+        self._bar.write(text, file=sys.stdout)
+        sys.stdout.flush()
+
+    def summary(self, text: str) -> None:
+        """The run's closing line (stdout)."""
+        if self.enabled:
+            self._line(text)
 
     def event(self, step: int, name: str) -> None:
         """A `{"step": step, "event": name}` row in metrics.jsonl (not a metric), e.g. where
@@ -106,6 +123,29 @@ class MetricsLogger:
             self._bar.close()
             self._tb.close()
             self._jsonl.close()
+
+
+def train_line(step: int, total: int, m: Mapping[str, float]) -> str:
+    """`step 50/900  loss 2.3456  lr 1.00e-03  12.3k tokens/s  mfu 3.2%` (what is there)."""
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}"]
+    if "lr" in m:
+        parts.append(f"lr {m['lr']:.2e}")
+    for unit in ("tokens", "examples"):
+        if f"{unit}_per_sec" in m:
+            parts.append(f"{_si(m[unit + '_per_sec'])} {unit}/s")
+            break
+    if "mfu" in m:
+        parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    if m.get("nonfinite_steps"):
+        parts.append(f"skipped {int(m['nonfinite_steps'])}")
+    return "  ".join(parts)
+
+
+def _si(x: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
 
 
 def _to_float(v) -> float | int:

@@ -27,6 +27,27 @@ def _in_slurm_job_step() -> bool:
     return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
+def skip_tpu_probe_without_chips() -> None:
+    """With libtpu installed (the `tpu` and `test` extras) jax tries the TPU backend first,
+    and on a machine without TPU chips libtpu prints five lines of errors about worker
+    hostnames before jax falls back. There, unless JAX_PLATFORMS says otherwise, use the CPU
+    (or leave the choice to jax when a CUDA plugin is installed). Call before any jax work."""
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    if any(importlib.util.find_spec(p) for p in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
+        return
+    try:
+        from jax._src import hardware_utils  # how jax itself counts TPU chips (PCI ids)
+
+        chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    except Exception:  # noqa: BLE001 - a jax without it: leave the choice to jax
+        return
+    if chips == 0:
+        jax.config.update("jax_platforms", "cpu")
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None

@@ -73,7 +73,7 @@ class _Preemption:
 
 
 def _check_scalars(config) -> None:
-    for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "profile_steps"):
         value = config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
@@ -201,6 +201,7 @@ def _train(built: setup.Run, workdir, train_iter, eval_batches) -> dict[str, flo
     if start:
         logger.message(f"resumed from step {start}")
 
+    t_start = time.perf_counter()
     last: dict[str, float] = {}
     window: list[tuple[int, dict]] = []  # (step, device metrics) since the last log
     nonfinite_total, checked_upto, preempted = 0, start, False
@@ -229,8 +230,16 @@ def _train(built: setup.Run, workdir, train_iter, eval_batches) -> dict[str, flo
             if restored is None and config.num_steps == 0 and task.init_from:  # import, then export
                 ckpt.save(0, state, train_iter, {**meta, "step": 0}, force=True)
             with built.context():
+                profile = (start + 2, start + 2 + config.profile_steps) if config.profile_steps else None
                 for step in range(start, config.num_steps):
+                    if profile and step == profile[0]:
+                        jax.profiler.start_trace(os.path.join(workdir, "tb"))
                     state, metrics = train_step(state, mesh_lib.to_global_batch(next(train_iter), mesh))
+                    if profile and step + 1 in (profile[1], config.num_steps) and step >= profile[0]:
+                        jax.block_until_ready(state.step)
+                        jax.profiler.stop_trace()
+                        logger.message(f"profiled steps {profile[0] + 1}-{step + 1}: {os.path.join(workdir, 'tb')}")
+                        profile = None
                     done = step + 1
                     window.append((done, metrics))
                     steps_in_window += 1
@@ -264,6 +273,13 @@ def _train(built: setup.Run, workdir, train_iter, eval_batches) -> dict[str, flo
                     if preempted:
                         logger.message(f"{preemption.cause}: saved step {done}, exiting")
                         break
+            if start >= config.num_steps:
+                saved0 = restored is None and config.num_steps == 0 and task.init_from
+                logger.summary(f"nothing to train: num_steps={config.num_steps}, "
+                               + ("saved the imported parameters as step 0" if saved0
+                                  else f"the run is at step {start} (raise --config.num_steps to go on)"))
+            elif not preempted:
+                logger.summary(closing_line(config.num_steps, start, last, time.perf_counter() - t_start))
         finally:
             try:
                 ckpt.close()  # waits for in-flight saves to commit
@@ -274,6 +290,18 @@ def _train(built: setup.Run, workdir, train_iter, eval_batches) -> dict[str, flo
         if jax.process_index() == 0:
             print(f"--- sample ({config.sample_steps} tokens) ---\n{text}\n---", flush=True)
     return last
+
+
+def closing_line(num_steps: int, start: int, last: dict, seconds: float) -> str:
+    """`done: step 900/900 (this run 600 steps, 4m12s)  loss 2.0123  eval loss 2.1000 ...`."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    parts = [f"done: step {num_steps}/{num_steps} (this run {num_steps - start} steps, {minutes}m{secs:02d}s)"]
+    for key, name in (("loss", "loss"), ("eval_loss", "eval loss"), ("eval_accuracy", "eval accuracy")):
+        if key in last:
+            parts.append(f"{name} {last[key]:.4f}")
+    if last.get("nonfinite_steps"):
+        parts.append(f"{int(last['nonfinite_steps'])} non-finite steps skipped")
+    return "  ".join(parts)
 
 
 def sample_text(built: setup.Run, params, prompt: str = "def ") -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
+import logging
 import os
 
 import tensorflow_datasets as tfds
@@ -66,28 +68,49 @@ def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     the data is not in data_dir (``None`` = TFDS's default, ``$TFDS_DATA_DIR`` or
     ``~/tensorflow_datasets``).
     """
-    if name in EMBEDDED_DATASETS:
-        cls = EMBEDDED_DATASETS[name]
-        data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
-        builder = cls(data_dir=data_dir)
-        if builder.is_prepared():
-            return builder
-        with file_lock(os.path.join(data_dir, f".{name}.lock")):
-            builder = cls(data_dir=data_dir)  # Re-read: another process may have built it.
-            if not builder.is_prepared():
-                bars = getattr(tfds.core.utils.tqdm_utils, "_active", True)
-                tfds.display_progress_bar(False)  # A second-long build needs no bars.
-                try:
-                    builder.download_and_prepare(
-                        file_format="array_record",
-                        download_dir=os.path.join(data_dir, "downloads"),
-                        download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-                    )
-                finally:
-                    tfds.display_progress_bar(bars)
-                builder = cls(data_dir=data_dir)
-        return builder
+    with _quiet_tfds():
+        if name in EMBEDDED_DATASETS:
+            return _prepare_embedded(EMBEDDED_DATASETS[name], name, os.path.expanduser(data_dir or DEFAULT_DATA_DIR))
+        return _prepare_tfds(name, data_dir)
 
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Keeps TFDS's console lines about local data off the console: "Downloading and preparing
+    dataset Unknown size ..." (printed to stdout, for data that is never downloaded) and absl
+    warnings about a version folder without dataset_info.json (one being written)."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl_logger.setLevel(level)
+
+
+def _prepare_embedded(cls, name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    builder = cls(data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    with file_lock(os.path.join(data_dir, f".{name}.lock")):
+        builder = cls(data_dir=data_dir)  # Re-read: another process may have built it.
+        if not builder.is_prepared():
+            bars = getattr(tfds.core.utils.tqdm_utils, "_active", True)
+            tfds.display_progress_bar(False)  # A second-long build needs no bars.
+            try:
+                builder.download_and_prepare(
+                    file_format="array_record",
+                    download_dir=os.path.join(data_dir, "downloads"),
+                    download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+                )
+            finally:
+                tfds.display_progress_bar(bars)
+            builder = cls(data_dir=data_dir)
+    return builder
+
+
+def _prepare_tfds(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     where = data_dir if data_dir is not None else os.path.expanduser(tfds.core.constants.DATA_DIR)
     hint = f"prepare it offline, e.g. `tfds build {name} --file_format=array_record`"
     try:

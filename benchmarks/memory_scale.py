@@ -74,17 +74,14 @@ class Runner:
         self.reports: dict[str, dict] = {}
         self.json_path = json_path
 
-    def __call__(self, key: str, config, topology: str, roofline: bool = False) -> dict:
+    def __call__(self, key: str, config, topology: str) -> dict:
         if key not in self.reports:
             start = time.perf_counter()
             try:
-                report = aot.compile_report(config, topology, roofline=roofline)
+                report = aot.compile_report(config, topology)
             except Exception as e:  # a failure other than out-of-memory: keep going, show it
                 report = {"topology": topology, "optimizer": config.optimizer.name, "fits": None,
                           "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-            for k in ("flops_per_step", "xla_flops_per_chip", "hbm_bytes_per_step_per_chip",
-                      "roofline_step_seconds", "roofline_mfu") if not roofline else ():
-                report.pop(k, None)
             report["compile_seconds"] = round(time.perf_counter() - start, 1)
             self.reports[key] = report
             if self.json_path:  # rewritten after every compile: a cut-short run keeps its data
@@ -196,33 +193,21 @@ REMAT_BATCHES = (128,)  # 2 sequences of 8192 per chip (each report: ~10 min on 
 
 
 def remat_table(run: Runner) -> str:
-    """What each remat policy keeps (memory) and saves (recompute FLOPs) on the 8b step; the
-    compiled FLOPs come from the roofline's 1- and 2-layer probes (train.aot)."""
-    from train import hardware
-
-    chip = hardware.CHIPS["v5p"]
-    lines = ["Remat policies, `configs/lm.py:8b` (seq 8192, Lion) on v5p:4x4x4 (64 chips); compute = "
-             "XLA's FLOPs of the compiled step (recompute included) / bf16 peak, HBM = its bytes / "
-             "bandwidth:", "",
-             "| batch | remat | temporaries GiB/chip | total GiB/chip | fits | XLA TFLOP/chip | compute ms | HBM ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    """What each remat policy keeps in memory on the 8b step."""
+    lines = ["Remat policies, `configs/lm.py:8b` (seq 8192, Lion) on v5p:4x4x4 (64 chips):", "",
+             "| batch | remat | temporaries GiB/chip | total GiB/chip | fits |",
+             "|---|---|---|---|---|"]
     for batch in REMAT_BATCHES:
         for policy in REMAT_POLICIES:
             c = lm_configs.get_config("8b")
             c.batch_size, c.model.remat = batch, policy
-            r = run(f"remat/8b/v5p:4x4x4/{batch}/{policy}", c, "v5p:4x4x4", roofline=True)
+            r = run(f"remat/8b/v5p:4x4x4/{batch}/{policy}", c, "v5p:4x4x4")
             if "error" in r:
-                lines.append(f"| {batch} | {policy} | error: {r['error'][:80]} | | | | | |")
+                lines.append(f"| {batch} | {policy} | error: {r['error'][:80]} | | |")
                 continue
             total = gib(r["total_bytes_per_chip"]) if "total_bytes_per_chip" in r else f"> {gib(r['hbm_bytes_per_chip'])}"
             temp = gib(r["temp_bytes_per_chip"]) if "temp_bytes_per_chip" in r else "?"
-            if "xla_flops_per_chip" not in r:
-                lines.append(f"| {batch} | {policy} | {temp} | {total} | {'yes' if r['fits'] else 'no'} | | | |")
-                continue
-            flops, hbm = r["xla_flops_per_chip"], r["hbm_bytes_per_step_per_chip"]
-            lines.append(f"| {batch} | {policy} | {temp} | {total} | {'yes' if r['fits'] else 'no'} | "
-                         f"{flops / 1e12:.1f} | {flops / chip.peak_flops * 1e3:.0f} | "
-                         f"{hbm / chip.hbm_bandwidth * 1e3:.0f} |")
+            lines.append(f"| {batch} | {policy} | {temp} | {total} | {'yes' if r['fits'] else 'no'} |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Train-step speed of Lion vs AdamW (and Adafactor): measured on this CPU, estimated for TPU.
+"""Train-step speed of Lion vs AdamW (and Adafactor), measured on this CPU.
 
 CPU: the LM and ViT demo train steps (configs/lm.py:demo, configs/vit.py:demo), built as
 `train.trainer` builds them (sharded `init_state`, jitted donated `make_train_step`, a real
@@ -6,11 +6,11 @@ batch from the demo's data pipeline), timed in interleaved rounds so every optim
 the same machine load. Reports the median step time, steps/s, MFU against the CPU matmul
 peak measured in the same run, and each optimizer's step time over Lion's.
 
-TPU: the roofline step time and MFU that `train.aot.compile_report` derives from the step
-compiled ahead of time (model FLOPs vs XLA's HBM traffic) for ViT-B/16 on v4:2x2x2 (remat
-full) and the 1b decoder on v5e:2x2 (small batch).
+No TPU estimate: the roofline this benchmark used to print (max(model FLOPs / peak, XLA's
+HBM bytes / bandwidth)) is the peak by definition whenever compute dominates; step times on a
+chip come from `benchmarks/device_check.sh` on the chip itself.
 
-    python benchmarks/train_step.py [--steps 20] [--rounds 5] [--only cpu|tpu]
+    python benchmarks/train_step.py [--steps 20] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import jax  # noqa: E402
 
 from configs import lm as lm_configs  # noqa: E402
 from configs import vit as vit_configs  # noqa: E402
-from train import aot  # noqa: E402
 from train import metrics as metrics_lib  # noqa: E402
 
 # (name, config module, variant, optimizers); Lion first: ratios are relative to it.
@@ -67,52 +66,14 @@ def cpu_table(num_steps: int, rounds: int) -> str:
     return "\n".join(lines)
 
 
-def tpu_cases():
-    """(label, config, topology) of the AOT roofline estimates."""
-    for opt in ("lion", "adamw"):
-        c = vit_configs.get_config("B/16")
-        c.optimizer.name, c.model.remat = opt, "full"
-        yield f"ViT-B/16, batch {c.batch_size}, remat full", c, "v4:2x2x2"
-    for opt in ("lion", "adamw"):
-        c = lm_configs.get_config("1b")
-        c.optimizer.name, c.batch_size = opt, 8
-        yield f"1b decoder, batch {c.batch_size}x{c.data.seq_len}, remat full", c, "v5e:2x2"
-
-
-def tpu_table() -> str:
-    lines = ["TPU roofline (train.aot: compiled ahead of time on this CPU; step time = max(model "
-             "FLOPs / peak, XLA HBM bytes / bandwidth)):", "",
-             "| model | slice | optimizer | fits | roofline ms/step | roofline MFU | step time / Lion |",
-             "|---|---|---|---|---|---|---|"]
-    lion_seconds = {}
-    for label, config, topology in tpu_cases():
-        start = time.perf_counter()
-        r = aot.compile_report(config, topology)
-        print(f"  {label} {topology} {r['optimizer']}: {time.perf_counter() - start:.0f} s, "
-              f"roofline {r.get('roofline_step_seconds')} s, MFU {r.get('roofline_mfu')}",
-              file=sys.stderr, flush=True)
-        if "roofline_step_seconds" not in r:  # did not fit: no estimate
-            lines.append(f"| {label} | {topology} | {r['optimizer']} | no | | | |")
-            continue
-        seconds = r["roofline_step_seconds"]
-        lion_seconds.setdefault(label, seconds)
-        lines.append(f"| {label} | {topology} | {r['optimizer']} | {'yes' if r['fits'] else 'no'} | "
-                     f"{seconds * 1e3:.1f} | {r['roofline_mfu']:.1%} | {seconds / lion_seconds[label]:.3f} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    parser.add_argument("--only", choices=("cpu", "tpu"), help="build just one of the two tables")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    if args.only != "tpu":
-        print(cpu_table(args.steps, args.rounds) + "\n", flush=True)
-    if args.only != "cpu":
-        print(tpu_table() + "\n", flush=True)
+    print(cpu_table(args.steps, args.rounds) + "\n", flush=True)
     print(f"total {time.perf_counter() - start:.0f} s", flush=True)
 
 

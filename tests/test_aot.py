@@ -32,12 +32,12 @@ def test_vit_b16_on_v4_state_bytes_and_lion_quarter_of_adamw():
     state = setup.build(config, devices).abstract_state
     assert sum(x.size for x in jax.tree.leaves(state.params)) == 86_567_656
     # Parameters are replicated over the 4-way data axis: full fp32 copy per chip.
-    assert aot._shard_bytes(state.params) == 4 * 86_567_656
-    assert aot._shard_bytes(state.opt_state) == pytest.approx(2 * 86_567_656, rel=1e-3)
+    assert aot.shard_bytes(state.params) == 4 * 86_567_656
+    assert aot.shard_bytes(state.opt_state) == pytest.approx(2 * 86_567_656, rel=1e-3)
 
     config.optimizer.name = "adamw"
     state = setup.build(config, devices).abstract_state
-    assert aot._shard_bytes(state.opt_state) == pytest.approx(8 * 86_567_656, rel=1e-3)
+    assert aot.shard_bytes(state.opt_state) == pytest.approx(8 * 86_567_656, rel=1e-3)
 
 
 def test_vit_b16_batch_4096_without_remat_fits_8_v4_chips():
@@ -45,7 +45,7 @@ def test_vit_b16_batch_4096_without_remat_fits_8_v4_chips():
     kernel recomputed in the backward, keep the step within a v4 chip's 30.75 GiB."""
     config = vit_configs.get_config("B/16")
     config.model.remat = "none"
-    report = aot.compile_report(config, "v4:2x2x2", roofline=False)
+    report = aot.compile_report(config, "v4:2x2x2")
     assert report["fits"], report
     assert report["total_bytes_per_chip"] <= 30.75 * GiB
 
@@ -54,22 +54,10 @@ def test_llama3_8b_fits_eight_v5e_chips_at_seq_8192():
     """`configs/lm.py:8b-v5e`: 1 sequence of 8192 per 16 GiB chip with int8 Lion momentum,
     the fused apply, the vocabulary-sliced loss and libtpu's bf16 propagation off (without
     the last the same step needs ~18.5 GB per chip and does not fit)."""
-    report = aot.compile_report(lm_configs.get_config("8b-v5e"), "v5e:2x4", roofline=False)
+    report = aot.compile_report(lm_configs.get_config("8b-v5e"), "v5e:2x4")
     assert report["params"] == 8_030_261_248 and report["batch_size"] == 8
     assert report["fits"], report
     assert report["total_bytes_per_chip"] <= 16 * GiB
-
-
-def test_vit_roofline_counts_the_remat_recompute():
-    """The roofline's 1- and 2-layer probes (on a small ViT: they compile unrolled)."""
-    config = vit_configs.get_config("B/16")
-    config.batch_size, config.model.remat, config.data.image_size = 16, "full", 64
-    report = aot.compile_report(config, "v4:2x2x1")
-    assert 0 < report["roofline_mfu"] <= 1 and report["roofline_step_seconds"] > 0
-    # Full remat recomputes the forward: XLA's FLOPs exceed the 3x-forward model count.
-    xla_total = report["xla_flops_per_chip"] * report["chips"]
-    assert 1.0 < xla_total / report["flops_per_step"] < 1.6
-    assert report["hbm_bytes_per_step_per_chip"] > report["params_bytes_per_chip"]
 
 
 def test_lm_1b_on_v5e_is_fsdp_sharded_a_quarter_per_chip():
@@ -79,8 +67,8 @@ def test_lm_1b_on_v5e_is_fsdp_sharded_a_quarter_per_chip():
     assert sum(x.size for x in jax.tree.leaves(built.abstract_state.params)) == 1_100_048_384
     assert dict(built.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
     # fsdp shards every matrix 4 ways (the 2048-wide norms too): a quarter per chip.
-    assert aot._shard_bytes(built.abstract_state.params) == pytest.approx(4 * 1_100_048_384 / 4, rel=1e-3)
-    assert aot._shard_bytes(built.abstract_state.opt_state) == pytest.approx(2 * 1_100_048_384 / 4, rel=1e-3)
+    assert aot.shard_bytes(built.abstract_state.params) == pytest.approx(4 * 1_100_048_384 / 4, rel=1e-3)
+    assert aot.shard_bytes(built.abstract_state.opt_state) == pytest.approx(2 * 1_100_048_384 / 4, rel=1e-3)
 
 
 def _aot_cli(*args):
@@ -99,6 +87,7 @@ def test_cli_exit_codes():
     assert nofit.returncode == 1, nofit.stderr[-2000:]
     report = json.loads(nofit.stdout)
     assert report["fits"] is False and report["params"] == 8_030_261_248
+    assert not [k for k in report if "roofline" in k or "mfu" in k or "seconds" in k]  # no step time
 
 
 def test_unknown_topology_is_a_config_error():

@@ -57,7 +57,7 @@ def test_eval_pipeline_is_built_once_per_run(tmp_path, monkeypatch, pack_mode):
     per_run = {}
     for evals in (1, 4):
         counts.clear()
-        tokenizer._load.cache_clear()  # a fresh build per run
+        tokenizer.clear_cache()  # a fresh build per run
         trainer.run(tiny_lm(num_steps=evals, eval_every=1, checkpoint_every=0,
                             **{"data.pack_mode": pack_mode}), str(tmp_path / f"{pack_mode}{evals}"))
         per_run[evals] = dict(counts)
@@ -187,7 +187,7 @@ def test_zero_sharded_optimizer_state_matches_and_reduce_scatters(tmp_path, mesh
         built = setup.build(config)
         state, lowered = built.abstract_state, built.lower_train_step()
         hlo = lowered.compile().as_text()
-        collectives[flag] = (aot._shard_bytes(state.opt_state),
+        collectives[flag] = (aot.shard_bytes(state.opt_state),
                              {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
                               for op in ("reduce-scatter", "all-gather")})
     (plain_bytes, plain_ops), (zero_bytes, zero_ops) = collectives[False], collectives[True]

@@ -204,6 +204,11 @@ def make_tokenizer(spec: str, add_bos: bool = False):
     return with_bos
 
 
+def clear_cache() -> None:
+    """Forgets the tokenizers `make_tokenizer` has read (the next call reads the file again)."""
+    _load.cache_clear()
+
+
 @functools.lru_cache(maxsize=16)
 def _load(spec: str):
     if spec in ("bytes", "byte"):

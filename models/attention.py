@@ -14,7 +14,8 @@ query attention when kv_heads < heads; queries already scaled) and returns the c
   heads are repeated to the query heads.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs
   (segment ids become a boolean mask).
-- `auto`: splash on TPU, cudnn on GPU (for bf16/fp16 inputs; XLA for float32), xla elsewhere, decided by the platform of the
+- `auto`: splash on TPU, cudnn on GPU (for bf16/fp16 inputs without a logit soft-cap; XLA
+  otherwise), xla elsewhere, decided by the platform of the
   active mesh (so an AOT compile for a TPU topology on a CPU host picks splash).
 - `splash_interpret`, `flash_interpret`: the Pallas kernels in interpret mode on any
   backend (tests).
@@ -78,8 +79,8 @@ def attend(q, k, v, *, implementation: str = "xla", causal: bool = False, segmen
     residuals); for steps that do not rematerialize the whole layer.
     """
     impl = resolve(implementation)
-    if impl == "cudnn" and implementation == "auto" and q.dtype not in _CUDNN_DTYPES:
-        impl = "xla"  # cuDNN's fused attention takes bf16/fp16 only: float32 configs use XLA
+    if impl == "cudnn" and implementation == "auto" and (q.dtype not in _CUDNN_DTYPES or logit_softcap is not None):
+        impl = "xla"  # cuDNN's fused attention takes bf16/fp16 only and has no logit soft-cap
     if impl == "xla":
         return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids, logit_softcap=logit_softcap)
     if impl == "cudnn":

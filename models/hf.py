@@ -89,8 +89,14 @@ def decoder_config(hf: dict, **overrides: Any) -> decoder.DecoderConfig:
     heads = int(hf["num_attention_heads"])
     theta, scaling = _rope(hf)
     max_len = int(hf.get("max_position_embeddings", 2048))
-    if hf.get("sliding_window"):  # Mistral: attention beyond the window is not modelled
-        max_len = min(max_len, int(hf["sliding_window"]))
+    window = hf.get("sliding_window")
+    if window:  # Mistral: attention beyond the window is not modelled, so no context beyond it
+        max_len = min(max_len, int(window))
+        if (overrides.get("max_seq_len") or 0) > int(window):
+            raise HFCheckpointError(
+                f"max_seq_len {overrides['max_seq_len']} exceeds the checkpoint's sliding_window {window}: "
+                "attention beyond the window would not be the model's (sliding windows are not "
+                "supported yet); use max_seq_len <= the window")
     fields = dict(
         vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
         num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
@@ -171,8 +177,9 @@ class Checkpoint:
     """The safetensors files of a checkpoint directory: which file holds which tensor."""
 
     def __init__(self, path: str):
-        self.path = _epath(path)
+        self.path, self.remote = _epath(path), "://" in str(path)
         self._handles: dict[str, Any] = {}
+        self._cache: str | None = None
         index = self.path / "model.safetensors.index.json"
         if index.exists():
             self.files = dict(json.loads(index.read_text())["weight_map"])
@@ -189,17 +196,33 @@ class Checkpoint:
 
     def _local(self, file: str) -> str:
         """A local path of `file`: itself, or for an object-store checkpoint (gs://, s3://) a
-        copy on local disk made once per process (safetensors reads by memory-mapping)."""
+        copy on local disk made once per process (safetensors reads by memory-mapping),
+        removed by `close`."""
         source = self.path / file
-        if "://" not in str(self.path):
+        if not self.remote:
             return os.fspath(source)
         import tempfile
-        if getattr(self, "_cache", None) is None:
+        if self._cache is None:
             self._cache = tempfile.mkdtemp(prefix="hf_checkpoint_")
         target = os.path.join(self._cache, file)
         if not os.path.exists(target):
             source.copy(target)
         return target
+
+    def close(self) -> None:
+        """Closes the files and removes the local copies of a remote checkpoint."""
+        import shutil
+
+        self._handles.clear()
+        if self._cache is not None:
+            shutil.rmtree(self._cache, ignore_errors=True)
+            self._cache = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.files:
@@ -257,16 +280,22 @@ def _checked_tensors(ckpt: Checkpoint, cfg, tensors, leaf_path: tuple, shape: tu
 def check_tensors(path: str, cfg: decoder.DecoderConfig) -> None:
     """Raises HFCheckpointError naming the first tensor `cfg` needs that the checkpoint at
     `path` lacks or holds in another shape (reads only the safetensors headers)."""
-    ckpt, tensors = Checkpoint(path), tensor_map(cfg)
-    for leaf_path, leaf in _walk(abstract_params(cfg)):
-        _checked_tensors(ckpt, cfg, tensors, leaf_path, tuple(leaf.shape))
+    with Checkpoint(path) as ckpt:
+        tensors = tensor_map(cfg)
+        for leaf_path, leaf in _walk(abstract_params(cfg)):
+            _checked_tensors(ckpt, cfg, tensors, leaf_path, tuple(leaf.shape))
 
 
 def load_params(path: str, cfg: decoder.DecoderConfig, abstract_params: dict) -> dict:
     """The checkpoint's tensors as our pure-dict params, each created in the sharding of its
     `abstract_params` leaf (ShapeDtypeStruct; without a sharding: on the default device).
     Every device's block is read on its own: a process reads only what its devices hold."""
-    ckpt, tensors = Checkpoint(path), tensor_map(cfg)
+    with Checkpoint(path) as ckpt:
+        return _load_params(ckpt, cfg, abstract_params)
+
+
+def _load_params(ckpt: Checkpoint, cfg: decoder.DecoderConfig, abstract_params: dict) -> dict:
+    tensors = tensor_map(cfg)
     out: dict = {}
     for leaf_path, leaf in _walk(abstract_params):
         t, parts = _checked_tensors(ckpt, cfg, tensors, leaf_path, tuple(leaf.shape))
@@ -313,17 +342,25 @@ def hf_config(cfg: decoder.DecoderConfig, dtype: str = "bfloat16", base: dict | 
     """A `config.json` dict for `cfg` (written with transformers-4 key names, which 5 also
     reads); `base` (the imported checkpoint's config) keeps fields we do not model, such
     as the bos/eos token ids."""
+    if cfg.attn_logit_softcap is not None:
+        raise HFCheckpointError(f"attn_logit_softcap={cfg.attn_logit_softcap} has no field in a Llama or "
+                                "Mistral config.json: transformers would compute other logits")
     out = {k: v for k, v in (base or {}).items()
            if k not in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype")}
+    # A Mistral checkpoint's sliding window goes back out with it (the model was trained within
+    # the window: decoder_config caps max_seq_len there); anything else is written as a Llama.
+    window = out.get("sliding_window") if out.get("model_type") == "mistral" else None
+    family = ("MistralForCausalLM", "mistral") if window else ("LlamaForCausalLM", "llama")
     out.update(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+        architectures=[family[0]], model_type=family[1], hidden_act="silu",
         attention_bias=False, mlp_bias=False, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
         intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim, max_position_embeddings=int(out.get("max_position_embeddings", cfg.max_seq_len)),
         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
         torch_dtype=dtype)
-    out.pop("sliding_window", None)  # written as a Llama: full causal attention, as trained
+    if not window:
+        out.pop("sliding_window", None)
     s = cfg.rope_scaling
     if s is not None:
         out["rope_scaling"] = {"rope_type": s.kind, "factor": s.factor} if s.kind == "linear" else {

@@ -237,3 +237,53 @@ def test_first_hour_import_then_export_from_the_command_line(tmp_path):
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
     assert "model.d_model=128 contradicts the checkpoint" in errors[0] and "which has 64" in errors[0]
     assert not (home / "demo2").exists()
+
+
+def test_export_writes_back_what_it_imported_and_refuses_what_it_cannot(tmp_path, monkeypatch):
+    """Mistral's sliding window: the imported context is capped at it, a longer max_seq_len is
+    refused, and the export is a Mistral with the same window; a tied checkpoint exports tied
+    (no lm_head tensor); a logit soft-cap, which a Llama config.json cannot say, is refused."""
+    import dataclasses
+    import tempfile
+
+    from flax import nnx
+    from safetensors import safe_open
+
+    src = tmp_path / "mistral"
+    reference = save_hf(src, transformers.MistralConfig, vocab_size=384, num_key_value_heads=2, sliding_window=16)
+    model, cfg = hf.from_pretrained(str(src), attention="xla")
+    assert cfg.max_seq_len == 16  # attention beyond the window is not the model's
+    tokens = TOKENS[:, :16]
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), hf_logits(reference, tokens), atol=1e-4, rtol=0)
+    with pytest.raises(hf.HFCheckpointError, match="exceeds the checkpoint's sliding_window 16"):
+        hf.from_pretrained(str(src), max_seq_len=48)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    hf.save_pretrained(params, cfg, str(tmp_path / "mistral_out"), dtype="float32", base_config=hf.read_config(str(src)))
+    written = json.loads((tmp_path / "mistral_out" / "config.json").read_text())
+    assert written["sliding_window"] == 16 and written["architectures"] == ["MistralForCausalLM"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "mistral_out")).eval()
+    np.testing.assert_allclose(hf_logits(reloaded, tokens), hf_logits(reference, tokens), atol=1e-5, rtol=0)
+
+    tied_src = tmp_path / "tied"
+    tied = save_hf(tied_src, transformers.LlamaConfig, vocab_size=384, num_key_value_heads=4, tie_word_embeddings=True)
+    model, cfg = hf.from_pretrained(str(tied_src), attention="xla")
+    hf.save_pretrained(nnx.to_pure_dict(nnx.state(model, nnx.Param)), cfg, str(tmp_path / "tied_out"), dtype="float32")
+    assert json.loads((tmp_path / "tied_out" / "config.json").read_text())["tie_word_embeddings"] is True
+    with safe_open(str(tmp_path / "tied_out" / "model.safetensors"), framework="numpy") as f:
+        assert "lm_head.weight" not in f.keys()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "tied_out")).eval()
+    np.testing.assert_allclose(hf_logits(reloaded, TOKENS), hf_logits(tied, TOKENS), atol=1e-5, rtol=0)
+
+    with pytest.raises(hf.HFCheckpointError, match="attn_logit_softcap=30.0 has no field"):
+        hf.hf_config(dataclasses.replace(cfg, attn_logit_softcap=30.0))
+
+    # A remote checkpoint (gs://) is read through local copies that are gone afterwards.
+    from etils import epath
+
+    local = epath.Path(str(tied_src))
+    monkeypatch.setattr(hf, "_epath", lambda p: local if str(p).startswith("remote://") else epath.Path(str(p)))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    model, _ = hf.from_pretrained("remote://bucket/tied", attention="xla")
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), hf_logits(tied, TOKENS), atol=1e-4, rtol=0)
+    assert os.listdir(tmp_path / "tmp") == []  # the copies were made there, and removed

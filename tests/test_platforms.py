@@ -46,7 +46,7 @@ def test_dependency_ranges_admit_the_current_jax_and_name_a_gpu_extra():
                if d.startswith(("torch", "transformers")))
 
 
-def test_auto_attention_on_gpu_runs_float32_through_xla(monkeypatch):
+def test_auto_attention_on_gpu_runs_float32_and_softcap_through_xla(monkeypatch):
     """cuDNN's fused attention takes bf16/fp16 only: `auto` sends a float32 config (the demos)
     to XLA on a GPU, while naming `cudnn` with float32 inputs is an error."""
     import jax
@@ -60,3 +60,9 @@ def test_auto_attention_on_gpu_runs_float32_through_xla(monkeypatch):
     np.testing.assert_array_equal(got, attention.xla_attention(q, k, v, causal=True))
     with pytest.raises(attention.UnavailableAttention, match="needs bf16 or fp16"):
         attention.attend(q, k, v, implementation="cudnn", causal=True)
+    # A logit soft-cap (cuDNN has none) also goes to XLA under `auto`, in bf16 (it raised).
+    q, k, v = (x.astype(jax.numpy.bfloat16) for x in (q, k, v))
+    got = attention.attend(q, k, v, implementation="auto", causal=True, logit_softcap=30.0)
+    np.testing.assert_array_equal(got, attention.xla_attention(q, k, v, causal=True, logit_softcap=30.0))
+    with pytest.raises(attention.UnavailableAttention, match="no logit soft-cap"):
+        attention.attend(q, k, v, implementation="cudnn", causal=True, logit_softcap=30.0)

@@ -125,7 +125,10 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "bfloat
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"--out {out} exists and is not an empty directory")
     manager, step, meta = _saved(workdir, step)
-    config, hf_config, model_config = _model_config(meta)
+    try:
+        config, hf_config, model_config = _model_config(meta)
+    except hf.HFCheckpointError as e:
+        raise UserError(f"step {step} of {workdir} cannot be written as a Hugging Face checkpoint: {e}") from None
     params = _restore_params(manager, step, model_config)
 
     def fetch(leaf):

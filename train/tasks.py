@@ -199,8 +199,11 @@ class LanguageModeling(_Task):
         config.data.seq_len = self.seq_len
         return config
 
-    def hf_config(self) -> dict:
-        return hf_lib.hf_config(self.model_config, base=getattr(self, "_hf_source", None))
+    def hf_config(self) -> dict | None:
+        try:
+            return hf_lib.hf_config(self.model_config, base=getattr(self, "_hf_source", None))
+        except hf_lib.HFCheckpointError:  # not writable as a Hugging Face config: export says why
+            return None
 
     @property
     def num_layers(self) -> int:

@@ -78,14 +78,12 @@ def model_fields(family: str, name: str, **values) -> ml_collections.ConfigDict:
     values, then `values`), so any of them can be overridden on the command line
     (`--config.model.num_layers=4`). Fields the model derives when unset (head_dim) stay
     None: overriding d_model then still gives d_model // num_heads."""
-    from models import decoder, vit
+    from models import spec  # the models' hyper-parameters, without jax
 
     if family == "lm":
-        head, built = dict(family="lm", size=name), decoder.decoder_config(name, **values)
-        cls = decoder.DecoderConfig
+        head, built, cls = dict(family="lm", size=name), spec.decoder_config(name, **values), spec.DecoderConfig
     else:
-        head, built = dict(family="vit", variant=name), vit.vit_config(name, **values)
-        cls = vit.ViTConfig
+        head, built, cls = dict(family="vit", variant=name), spec.vit_config(name, **values), spec.ViTConfig
     c = ml_collections.ConfigDict(head)
     for field in dataclasses.fields(cls):
         if field.name in _FROM_ELSEWHERE:

@@ -34,8 +34,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from models.partitioning import logical_to_spec
+from models.spec import ATTENTION_IMPLEMENTATIONS
 
-IMPLEMENTATIONS = ("auto", "xla", "splash", "flash", "cudnn", "splash_interpret", "flash_interpret")
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 _NEEDS = {"splash": "tpu", "flash": "tpu", "cudnn": "gpu"}
 _BLOCK = 512  # MaxText's default splash block sizes
 _RECOMPUTE_CHUNK_TOKENS = 32768  # tokens per kernel call when `recompute` (one sequence at least)

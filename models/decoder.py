@@ -15,8 +15,6 @@ use; attention softmax, RMSNorm statistics, RoPE and the returned logits are flo
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,96 +23,13 @@ from flax import nnx
 from models import attention as attention_lib
 from models import layer_stack, lm_loss
 from models.partitioning import constrain
+from models.spec import DECODER_SIZES, DecoderConfig, RopeScaling, decoder_config  # noqa: F401 - re-exported
 
 Array = jax.Array
 # {'k', 'v'}: [layers, batch, max_len, kv_heads, head_dim] in the compute dtype.
 KVCache = dict[str, Array]
 
 ACT_EMBED = ("act_batch", "act_length", "act_embed")
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """Rotary frequency scaling for long contexts, as Hugging Face's `rope_scaling` names it:
-    `linear` divides every frequency by `factor`; `llama3` (Llama 3.1) divides the low
-    frequencies (wavelength > original_max_len / low_freq_factor) by `factor`, keeps the
-    high ones (wavelength < original_max_len / high_freq_factor) and blends in between."""
-
-    kind: str  # "linear" | "llama3"
-    factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_len: int = 8192
-
-    def __post_init__(self):
-        if self.kind not in ("linear", "llama3"):
-            raise ValueError(f"rope scaling {self.kind!r} is not one of linear, llama3")
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderConfig:
-    """Hyper-parameters of `Decoder`; `head_dim` defaults to d_model // num_heads."""
-
-    vocab_size: int
-    d_model: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    ffn_dim: int
-    head_dim: int | None = None
-    max_seq_len: int = 2048
-    rope_theta: float = 10_000.0
-    rope_scaling: RopeScaling | None = None
-    tie_embeddings: bool = False
-    norm_eps: float = 1e-5
-    attn_logit_softcap: float | None = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    scan_layers: bool = True
-    remat: str = "none"
-    attention: str = "auto"  # see models.attention.IMPLEMENTATIONS
-
-    def __post_init__(self):
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
-        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
-        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.remat not in layer_stack.REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r} is not one of {layer_stack.REMAT_POLICIES}")
-        if self.attention not in attention_lib.IMPLEMENTATIONS:
-            raise ValueError(f"attention={self.attention!r} is not one of {attention_lib.IMPLEMENTATIONS}")
-
-
-_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                 ffn_dim=128, max_seq_len=128),
-    "small": dict(vocab_size=32000, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4,
-                  ffn_dim=2048),
-    "base": dict(vocab_size=32000, d_model=1024, num_layers=24, num_heads=16, num_kv_heads=8,
-                 ffn_dim=2816),
-    # TinyLlama-1.1B.
-    "1b": dict(vocab_size=32000, d_model=2048, num_layers=22, num_heads=32, num_kv_heads=4,
-               ffn_dim=5632),
-    # Llama-2-7B.
-    "7b": dict(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-               ffn_dim=11008, max_seq_len=4096),
-    # Llama-3-8B.
-    "8b": dict(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-               ffn_dim=14336, max_seq_len=8192, rope_theta=500_000.0),
-}
-
-
-def decoder_config(size: str, **overrides: Any) -> DecoderConfig:
-    """Named preset (`tiny`, `small`, `base`, `1b`, `7b`, `8b`) with field overrides."""
-    if size not in _SIZES:
-        raise ValueError(f"unknown decoder size {size!r}; expected one of {sorted(_SIZES)}")
-    return DecoderConfig(**{**_SIZES[size], **overrides})
 
 
 # ----------------------------------------------------------------------------- layers

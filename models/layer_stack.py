@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_dot_except_mlp")
+from models.spec import REMAT_POLICIES  # noqa: F401 - re-exported
+
 # Activations a layer names with `name` (`jax.ad_checkpoint.checkpoint_name`) for the
 # MaxText-style policies: save_qkv_proj keeps the q, k, v projections, save_dot_except_mlp
 # also the attention output projection; everything else is recomputed.

@@ -17,7 +17,6 @@ both layouts.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -29,98 +28,12 @@ from flax import nnx
 from models import attention as attention_lib
 from models import layer_stack
 from models.partitioning import constrain
+from models.spec import VIT_SIZES, ViTConfig, vit_config  # noqa: F401 - re-exported
 
 Dtype = Any
 
 # name: (width, depth, mlp_dim, num_heads)
-VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
-    "Ti": (192, 12, 768, 3),
-    "S": (384, 12, 1536, 6),
-    "M": (512, 12, 2048, 8),
-    "B": (768, 12, 3072, 12),
-    "L": (1024, 24, 4096, 16),
-    "H": (1280, 32, 5120, 16),
-    "g": (1408, 40, 6144, 16),
-    "G": (1664, 48, 8192, 16),
-    "e": (1792, 56, 15360, 16),
-}
-
 _ACT = ("act_batch", "act_length", "act_embed")
-
-
-@dataclasses.dataclass(frozen=True)
-class ViTConfig:
-    """Hyper-parameters of a ViT; defaults are B/16 at 224 px with 1000 classes."""
-
-    width: int = 768
-    depth: int = 12
-    mlp_dim: int = 3072
-    num_heads: int = 12
-    patch_size: int = 16
-    image_size: int = 224
-    num_classes: int = 1000
-    channels: int = 3
-    pool_type: str = "tok"  # 'tok' (class token) | 'gap' (global average pool)
-    posemb: str = "learn"  # 'learn' | 'sincos2d'
-    dropout: float = 0.0
-    head_zero_init: bool = True
-    qkv_bias: bool = True
-    dtype: Dtype = jnp.float32  # compute dtype
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat: str = "none"  # 'none' | 'full' | 'save_dots'
-    attention: str = "auto"  # see models.attention.IMPLEMENTATIONS
-
-    def __post_init__(self):
-        _check_choice("pool_type", self.pool_type, ("tok", "gap"))
-        _check_choice("attention", self.attention, attention_lib.IMPLEMENTATIONS)
-        _check_choice("posemb", self.posemb, ("learn", "sincos2d"))
-        _check_choice("remat", self.remat, layer_stack.REMAT_POLICIES)
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}."
-            )
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
-        if self.posemb == "sincos2d" and self.width % 4:
-            raise ValueError(f"sincos2d posemb needs width divisible by 4, got {self.width}.")
-
-    @property
-    def grid_size(self) -> int:
-        """Patches per image side."""
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
-    @property
-    def seq_len(self) -> int:
-        """Tokens seen by the encoder (patches plus the class token, if any)."""
-        return self.num_patches + (self.pool_type == "tok")
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-
-
-def vit_config(variant: str, **overrides: Any) -> ViTConfig:
-    """Config for a named variant '<size>/<patch>' (e.g. 'B/16', 'S/8'); overrides win."""
-    size, _, patch = variant.partition("/")
-    if size not in VIT_SIZES or not patch.isdigit() or int(patch) < 1:
-        raise ValueError(
-            f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' with size in "
-            f"{sorted(VIT_SIZES)} and an integer patch, e.g. 'B/16'."
-        )
-    width, depth, mlp_dim, num_heads = VIT_SIZES[size]
-    fields = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
-                  patch_size=int(patch))
-    return ViTConfig(**(fields | overrides))
 
 
 # -------------------------------------------------------------------------------- layers

@@ -24,7 +24,12 @@ DOCS = {  # relative path -> the documents it holds
     "notes/h.txt.gz": ["a compressed text document"],
 }
 BAD = {"notes/latin1.txt": "caf\xe9".encode("latin-1"),  # not UTF-8: skipped
-       "records/broken.jsonl": b'{"text": "kept"}\n{not json\n{"other": "no text key"}\n'}
+       "records/broken.jsonl": b'{"text": "kept"}\n{not json\n{"other": "no text key"}\n',
+       # One line with a byte that is not UTF-8 costs that line only; blank documents are dropped.
+       "records/mixed.jsonl": b'{"text": "before the bad byte"}\n{"text": "caf\xe9"}\n{"text": " \\n\\t "}\n'
+                              b'{"text": ""}\n{"text": "after the bad byte"}\n',
+       "tables/blank.jsonl.zst": b""}  # filled in write_corpus (zstd of a whitespace-only record)
+KEPT_FROM_BAD = ["kept", "before the bad byte", "after the bad byte"]
 
 
 def write_corpus(root):
@@ -47,6 +52,8 @@ def write_corpus(root):
         with open(path, "wb") as f:
             f.write(body)
     for rel, body in BAD.items():
+        if rel.endswith(".zst"):
+            body = zstandard.ZstdCompressor().compress(b'{"text": "   "}\n')
         with open(os.path.join(root, rel), "wb") as f:
             f.write(body)
 
@@ -66,12 +73,14 @@ def test_every_text_input_kind_once_deterministic_and_idempotent(tmp_path):
     write_corpus(tmp_path / "in")
     out = tmp_path / "out"
     s = prepare_lib.prepare(str(tmp_path / "in"), "my_corpus", str(out), validation_fraction=0.3)
-    expected = sorted([d for docs in DOCS.values() for d in docs] + ["kept"])
+    expected = sorted([d for docs in DOCS.values() for d in docs] + KEPT_FROM_BAD)
     train, val = texts(read_split("my_corpus", out, "train")), texts(read_split("my_corpus", out, "validation"))
     assert sorted(train + val) == expected  # every document once, bytes as written
     assert (s["train"], s["validation"]) == (len(train), len(val)) and val
-    assert len(s["skipped"]) == 3, s["skipped"]  # the latin-1 file, the bad line, the line without "text"
+    # The latin-1 file, the bad line, the line without "text", the line with a latin-1 byte.
+    assert len(s["skipped"]) == 4, s["skipped"]
     assert any("latin1.txt: not UTF-8" in p for p in s["skipped"])
+    assert any("mixed.jsonl:2: not UTF-8" in p for p in s["skipped"])
 
     # Same input, a glob instead of the directory, 2 worker processes: the same records and split.
     again = tmp_path / "again"
@@ -88,6 +97,10 @@ def test_every_text_input_kind_once_deterministic_and_idempotent(tmp_path):
     assert files_and_times() == before  # not rewritten
     with pytest.raises(UserError, match="made from other input or options"):
         prepare_lib.prepare(str(tmp_path / "in" / "notes"), "my_corpus", str(out), validation_fraction=0.3)
+    edited = tmp_path / "in" / "notes" / "a.txt"  # the same size, other content: other input
+    edited.write_text(edited.read_text().replace("plain", "PLAIN"))
+    with pytest.raises(UserError, match="made from other input or options"):
+        prepare_lib.prepare(str(tmp_path / "in"), "my_corpus", str(out), validation_fraction=0.3)
 
 
 def test_a_small_input_still_gets_a_validation_split(tmp_path):
@@ -155,7 +168,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_half_written(tmp_path):
         assert not (out / "corpus").exists(), extra  # no dataset, no temporary directory
     result = run_prepare("--name=corpus", f"--data_dir={out}", f"--input={tmp_path / 'in'}")
     assert result.returncode == 0 and "prepared corpus" in result.stdout, result.stderr[-2000:]
-    assert "warning: skipped 3 unusable" in result.stderr
+    assert "warning: skipped 4 unusable" in result.stderr
     result = run_prepare("--name=corpus", f"--data_dir={out}", f"--input={tmp_path / 'in' / 'notes'}")
     assert result.returncode == 2 and "made from other input" in result.stderr
 

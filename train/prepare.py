@@ -16,13 +16,15 @@ The output is `DATA_DIR/NAME/1.0.0/` as TFDS writes it: array_record shards, and
 data_dir=DATA_DIR)` and `tfds.data_source` without this code. TFDS writes into a temporary
 directory and renames it into place, so an interrupted run leaves no half dataset; running
 the same command on a finished dataset is a no-op, on a dataset made from other input an
-error. Deterministic: a record's key is its file (relative to the input root) and index in
+error (the input's fingerprint hashes every file's content, so an edited file of the same
+size is other input). Deterministic: a record's key is its file (relative to the input root) and index in
 the file, and it goes to `validation` when a hash of the key falls below
 `--validation_fraction`, so the same input gives the same records and split whatever the
 file order or the number of workers (`--num_workers` processes read and check the files).
 
-Bad input: files that are not UTF-8, JSON lines that do not parse or lack the key, and
-images that do not decode are skipped and counted in one `warning:` line
+Bad input: documents that are not UTF-8 (a whole file, or one JSON line: the rest of the file
+is kept), JSON lines that do not parse or lack the key, and images that do not decode are
+skipped and counted in one `warning:` line; empty and whitespace-only documents are dropped
 (`--on_bad_input=stop`: the first one is an `error:`); an input that yields nothing, TFRecord
 files (they need TensorFlow: convert them with `tfds build NAME --file_format=array_record`)
 and an existing dataset of other content are one `error:` line, exit 2.
@@ -80,7 +82,7 @@ def _open(path: str):
     if _COMPRESSED.get(suffix) == "zstd":
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 
 
@@ -95,7 +97,10 @@ def _format(path: str) -> str:
 
 
 def read_texts(path: str, text_key: str) -> tuple[list[str], list[str]]:
-    """(documents of one file, problems found in it: one message each)."""
+    """(documents of one file, problems found in it: one message each). JSON lines are read
+    a line at a time (a file's documents are all it holds in memory), and a line that is not
+    UTF-8 or not a JSON record with the key is one problem, not the whole file; empty and
+    whitespace-only documents are dropped in every format."""
     kind = _format(path)
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -104,31 +109,34 @@ def read_texts(path: str, text_key: str) -> tuple[list[str], list[str]]:
             table = pq.read_table(path, columns=[text_key])
         except Exception as e:  # noqa: BLE001 - missing column, not parquet
             return [], [f"{path}: not readable as parquet with column {text_key!r} ({str(e).splitlines()[0][:120]})"]
-        return [t for t in table.column(text_key).to_pylist() if t], []
+        return [t for t in table.column(text_key).to_pylist() if t and t.strip()], []
+    docs, problems = [], []
     try:
         with _open(path) as f:
-            raw = f.read()
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return [], [f"{path}: not UTF-8 (byte {e.start})"]
+            if kind == "document":
+                try:
+                    text = f.read().decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return [], [f"{path}: not UTF-8 (byte {e.start})"]
+                return ([text] if text.strip() else []), []
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except UnicodeDecodeError as e:
+                    problems.append(f"{path}:{n}: not UTF-8 (byte {e.start} of the line)")
+                    continue
+                except json.JSONDecodeError:
+                    problems.append(f"{path}:{n}: not a JSON record")
+                    continue
+                value = record.get(text_key) if isinstance(record, dict) else None
+                if not isinstance(value, str):
+                    problems.append(f"{path}:{n}: no string field {text_key!r}")
+                elif value.strip():
+                    docs.append(value)
     except (OSError, EOFError) as e:
-        return [], [f"{path}: {e}"]
-    if kind == "document":
-        return ([text] if text.strip() else []), []
-    docs, problems = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            problems.append(f"{path}:{n}: not a JSON record")
-            continue
-        value = record.get(text_key) if isinstance(record, dict) else None
-        if not isinstance(value, str):
-            problems.append(f"{path}:{n}: no string field {text_key!r}")
-        elif value:
-            docs.append(value)
+        return docs, problems + [f"{path}: {e}"]
     return docs, problems
 
 
@@ -164,11 +172,18 @@ def key_hash(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
-def fingerprint(root: str, files: list[str], options: dict) -> str:
-    """What the dataset is made of: file names, sizes and the options (not the contents)."""
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fingerprint(root: str, files: list[str], options: dict, num_workers: int = 1) -> str:
+    """What the dataset is made of: each file's name and content (sha256, read in
+    `num_workers` threads) and the options. An edited file changes it, whatever its size."""
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    for f in files:
-        h.update(f"{os.path.relpath(f, root)}\0{os.path.getsize(f)}\0".encode())
+    with concurrent.futures.ThreadPoolExecutor(max(2, num_workers)) as pool:
+        for f, digest in zip(files, pool.map(_file_digest, files)):
+            h.update(f"{os.path.relpath(f, root)}\0{digest}\0".encode())
     return h.hexdigest()[:16]
 
 
@@ -184,7 +199,7 @@ def make_builder(name: str, data_dir: str, kind: str, root: str, files: list[str
                         "directly in the folder)")
     options = dict(kind=kind, text_key=text_key, validation_fraction=validation_fraction)
     description = (f"Prepared by `python -m train.prepare` from {len(files)} files under {root} "
-                   f"(fingerprint {fingerprint(root, files, options)}).")
+                   f"(fingerprint {fingerprint(root, files, options, num_workers)}).")
 
     def read_all():
         """(split, key, example) of every record, reading each file once, in file order."""

@@ -39,7 +39,7 @@ from models.spec import ATTENTION_IMPLEMENTATIONS
 IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 _NEEDS = {"splash": "tpu", "flash": "tpu", "cudnn": "gpu"}
 _BLOCK = 512  # MaxText's default splash block sizes
-_RECOMPUTE_CHUNK_TOKENS = 32768  # tokens per kernel call when `recompute` (one sequence at least)
+RECOMPUTE_CHUNK_TOKENS = 32768  # tokens per kernel call when `recompute` (one sequence at least)
 
 
 class UnavailableAttention(ValueError):
@@ -71,13 +71,15 @@ def resolve(implementation: str, backend: str | None = None) -> str:
 
 
 def attend(q, k, v, *, implementation: str = "xla", causal: bool = False, segment_ids=None,
-           logit_softcap: float | None = None, recompute: bool = False):
+           logit_softcap: float | None = None, recompute: bool = False,
+           recompute_chunk_tokens: int = RECOMPUTE_CHUNK_TOKENS):
     """Attention of pre-scaled `q` over `k`, `v` (see the module docstring).
 
     `segment_ids` [batch, seq] int: tokens attend only within their own segment.
     `recompute`: a Pallas kernel keeps only its inputs for the backward and recomputes
     its forward there (its padded, transposed inputs, output and statistics are otherwise
-    residuals); for steps that do not rematerialize the whole layer.
+    residuals); for steps that do not rematerialize the whole layer. It then runs over
+    groups of whole sequences of about `recompute_chunk_tokens` tokens, one at a time.
     """
     impl = resolve(implementation)
     if impl == "cudnn" and implementation == "auto" and (q.dtype not in _CUDNN_DTYPES or logit_softcap is not None):
@@ -90,7 +92,7 @@ def attend(q, k, v, *, implementation: str = "xla", causal: bool = False, segmen
                                causal=causal, logit_softcap=logit_softcap)
     if not recompute:
         return _per_shard(kernel, q, k, v, segment_ids)
-    kernel = _in_batch_chunks(kernel, _RECOMPUTE_CHUNK_TOKENS)
+    kernel = _in_batch_chunks(kernel, recompute_chunk_tokens)
 
     # The saved inputs keep heads merged ([batch, seq, heads * head_dim]): a TPU tiles
     # the minor dimension by 128 lanes, so head_dim 64 would be stored twice over.

@@ -17,8 +17,10 @@ from models import hf  # noqa: E402
 
 SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=256, initializer_range=0.2)
+# head_dim 16 at theta 5e5: wavelengths 6.3, 32.5, 167, ... across the three bands of an original
+# context of 64 (kept below 64 / 4 = 16, scaled above 64, blended between).
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
+               "original_max_position_embeddings": 64}
 CASES = {
     "gqa_untied": (transformers.LlamaConfig, dict(vocab_size=384, num_key_value_heads=2, rope_theta=10_000.0)),
     "tied_mha": (transformers.LlamaConfig, dict(vocab_size=384, num_key_value_heads=4, tie_word_embeddings=True,
@@ -42,7 +44,7 @@ def hf_logits(model, tokens) -> np.ndarray:
         return model(torch.tensor(np.asarray(tokens))).logits.numpy()
 
 
-TOKENS = np.random.RandomState(0).randint(0, 384, (2, 96))  # 96 > the llama3 case's 16 original positions
+TOKENS = np.random.RandomState(0).randint(0, 384, (2, 96))  # 96 > the llama3 case's 64 original positions
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -104,3 +104,24 @@ def test_streaming_position_saved_by_one_process_is_not_resumed_by_two(tmp_path)
     # The same checkpoint resumes with the process count that saved it.
     trainer.run(tiny_lm(num_steps=4, **stream), str(workdir))
     assert_resumed_at(workdir, 2)
+
+
+def test_checkpoint_of_another_state_layout_stops_naming_it(tmp_path, saved_run):
+    """A checkpoint whose optimizer state holds the same arrays nested differently (as another
+    version of the code or of optax would write it) passes the shape checks and fails in the
+    restore itself: one line saying the state is laid out differently, nothing moved."""
+    import orbax.checkpoint as ocp
+
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_run, workdir)
+    state_dir = workdir / "checkpoints" / "2" / "state"
+    with ocp.StandardCheckpointer() as ckpt:
+        state = ckpt.restore(state_dir)
+        state["opt_state"] = {"nested": state["opt_state"]}
+        ckpt.save(workdir / "relaid", state)
+    shutil.rmtree(state_dir)
+    os.rename(workdir / "relaid", state_dir)
+    before = _snapshot(workdir)
+    with pytest.raises(UserError, match="checkpoint step 2: its train state is laid out differently"):
+        trainer.run(tiny_lm(num_steps=4, checkpoint_every=2), str(workdir))
+    assert _snapshot(workdir) == before and starts(workdir) == [0]

@@ -1,9 +1,9 @@
-"""`config.data`: every field the input pipeline (train/data.py) reads, with its default,
+"""`config.data`: every field the input pipeline (train/data/) reads, with its default,
 adjusted for a few known datasets."""
 
 import ml_collections
 
-from train.tokenizer import BYTE_VOCAB_SIZE  # a constant; the pipeline itself is not imported
+from train.data.tokenize import BYTE_VOCAB_SIZE  # a constant; the pipeline itself is not imported
 
 _PRESETS = {
     "digits": dict(kind="image", eval_split="test", image_size=8, channels=1, num_classes=10),

@@ -106,7 +106,7 @@ def train_hf_bpe(path, vocab_size=400, special=("<|begin_of_text|>", "<|end_of_t
     """A byte-level BPE tokenizer.json (GPT-2 / Llama-3 style) trained here on stdlib text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from train.datasets import python_stdlib_text
+    from train.data import python_stdlib_text
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -17,9 +17,12 @@ from _util import train_hf_bpe
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs.data import data_config
-from train import data, preprocess, tokenizer
+from train import data
+from train.data import images, pack
+from train.data import tokenize as tokenizer
 from train import mesh as mesh_lib
-from train.datasets import DataError, digits, prepare, python_stdlib_text
+from train.data import digits, python_stdlib_text
+from train.data.sources import DataError, dataset_builder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,8 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tfds"))
-    prepare("digits", d)
-    prepare("python_stdlib_text", d)
+    dataset_builder("digits", d)
+    dataset_builder("python_stdlib_text", d)
     return d
 
 
@@ -64,7 +67,7 @@ def take(it, n):
 
 # ----------------------------------------------------------------------------- builders
 def test_builders_write_array_record_with_expected_splits(data_dir):
-    b = prepare("digits", data_dir)
+    b = dataset_builder("digits", data_dir)
     assert {k: v.num_examples for k, v in b.info.splits.items()} == {"train": 1437, "test": 360}
     assert glob.glob(os.path.join(b.data_dir, "digits-train.array_record-*"))
     assert glob.glob(os.path.join(b.data_dir, "digits-test.array_record-*"))
@@ -72,7 +75,7 @@ def test_builders_write_array_record_with_expected_splits(data_dir):
     idx = [train[i]["index"] for i in range(len(train))] + [test[i]["index"] for i in range(len(test))]
     assert sorted(idx) == list(range(1797))  # Disjoint and complete.
 
-    t = prepare("python_stdlib_text", data_dir)
+    t = dataset_builder("python_stdlib_text", data_dir)
     files = python_stdlib_text.stdlib_files()
     sizes = {k: v.num_examples for k, v in t.info.splits.items()}
     assert sizes["train"] + sizes["validation"] == len(files) > 300
@@ -84,13 +87,13 @@ def test_builders_write_array_record_with_expected_splits(data_dir):
 
 def test_prepare_is_idempotent_and_safe_when_concurrent(tmp_path):
     d = str(tmp_path / "fresh")
-    code = "import sys; from train.datasets import prepare; prepare('digits', sys.argv[1])"
+    code = "import sys; from train.data.sources import dataset_builder; dataset_builder('digits', sys.argv[1])"
     procs = [subprocess.Popen([sys.executable, "-c", code, d], cwd=REPO, stderr=subprocess.PIPE)
              for _ in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()[-2000:]
-    b = prepare("digits", d)  # Third call: reuses.
+    b = dataset_builder("digits", d)  # Third call: reuses.
     assert len(b.as_data_source("train")) == 1437
     assert len(glob.glob(os.path.join(d, "digits", "*"))) == 1  # No leftover incomplete dirs.
 
@@ -99,7 +102,7 @@ def test_digits_pixels_match_sklearn(data_dir):
     from sklearn.datasets import load_digits
 
     sk = load_digits()
-    src = prepare("digits", data_dir).as_data_source("test")
+    src = dataset_builder("digits", data_dir).as_data_source("test")
     for i in (0, 7, 359):
         ex = src[i]
         j = int(ex["index"])
@@ -112,7 +115,7 @@ def test_digits_pixels_match_sklearn(data_dir):
 def test_stdlib_text_examples_equal_file_contents(data_dir):
     root = python_stdlib_text.stdlib_root()
     for split in ("train", "validation"):
-        src = prepare("python_stdlib_text", data_dir).as_data_source(split)
+        src = dataset_builder("python_stdlib_text", data_dir).as_data_source(split)
         for i in (0, len(src) // 2, len(src) - 1):
             ex = src[i]
             path = ex["path"].decode()
@@ -124,7 +127,7 @@ def test_stdlib_text_examples_equal_file_contents(data_dir):
 def test_missing_real_dataset_raises_one_line_data_error(tmp_path):
     for name in ("imagenet2012", "no_such_dataset_xyz"):
         with pytest.raises(DataError) as e:
-            prepare(name, str(tmp_path))
+            dataset_builder(name, str(tmp_path))
         msg = str(e.value)
         assert "\n" not in msg and name in msg and str(tmp_path) in msg
         assert isinstance(e.value, ValueError)
@@ -169,8 +172,8 @@ def test_global_batch_is_independent_of_process_count(data_dir, kind):
 def test_epochs_are_reshuffled_permutations(data_dir):
     cfg = image_cfg(data_dir)  # No augmentation: images are exact normalized pixels.
     epochs = data.make_train_batches(cfg, 1437, 0, process_index=0, process_count=1)
-    src = prepare("digits", data_dir).as_data_source("train")
-    ref = sorted(preprocess.normalize(src[i]["image"]).tobytes() for i in range(len(src)))
+    src = dataset_builder("digits", data_dir).as_data_source("train")
+    ref = sorted(images.normalize(src[i]["image"]).tobytes() for i in range(len(src)))
     e0, e1 = epochs[0]["image"], epochs[1]["image"]
     assert sorted(x.tobytes() for x in e0) == ref == sorted(x.tobytes() for x in e1)
     assert not np.array_equal(e0, e1)
@@ -243,9 +246,9 @@ def test_lm_packing_from_token_cache(data_dir):
     files = [t for p, t in python_stdlib_text.stdlib_files()
              if python_stdlib_text.split_of(p) == "train"]
     tok = tokenizer.ByteTokenizer()
-    stream = np.load(preprocess.token_cache_path(
-        prepare("python_stdlib_text", data_dir).data_dir, "train", tok))
-    np.testing.assert_array_equal(stream, preprocess.pack_documents(files, tok))
+    stream = np.load(pack.token_cache_path(
+        dataset_builder("python_stdlib_text", data_dir).data_dir, "train", tok))
+    np.testing.assert_array_equal(stream, pack.pack_documents(files, tok))
     assert (stream == data.BYTE_EOS_ID).sum() == len(files) and stream.max() == 256
     # Every training window is a contiguous (seq_len + 1)-slice of that stream.
     windows = {stream[i:i + L + 1].tobytes() for i in range(0, len(stream) - L, L + 1)}
@@ -265,10 +268,10 @@ def test_streaming_packing_with_grain_and_resume(data_dir):
     # Windows, in order, are consecutive 65-token slices of the seeded document stream
     # (each document's bytes followed by EOS).
     windows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1) for b in first])
-    src = prepare("python_stdlib_text", data_dir).as_data_source("train")
+    src = dataset_builder("python_stdlib_text", data_dir).as_data_source("train")
     docs = grain.MapDataset.source(src).seed(0).shuffle()
     tok = tokenizer.ByteTokenizer()
-    stream = preprocess.pack_documents([docs[i]["text"] for i in range(20)], tok)
+    stream = pack.pack_documents([docs[i]["text"] for i in range(20)], tok)
     assert len(stream) >= windows.size
     np.testing.assert_array_equal(windows.reshape(-1), stream[:windows.size])
     state = it.get_state()
@@ -391,12 +394,12 @@ def test_eval_batches_cover_split_exactly_once(data_dir):
     B = 64
     single = list(data.make_eval_batches(cfg, B))
     assert len(single) == len(data.make_eval_batches(cfg, B)) == 6  # ceil(360 / 64)
-    images = np.concatenate([b["image"] for b in single])
+    pixels = np.concatenate([b["image"] for b in single])
     mask = np.concatenate([b["mask"] for b in single])
     assert mask.dtype == np.float32 and mask.sum() == 360 and mask[:360].all()
-    src = prepare("digits", data_dir).as_data_source("test")
-    expect = np.stack([preprocess.normalize(src[i]["image"]) for i in range(360)])
-    np.testing.assert_array_equal(images[:360], expect)
+    src = dataset_builder("digits", data_dir).as_data_source("test")
+    expect = np.stack([images.normalize(src[i]["image"]) for i in range(360)])
+    np.testing.assert_array_equal(pixels[:360], expect)
 
     parts = [list(data.make_eval_batches(cfg, B, process_index=p, process_count=2)) for p in range(2)]
     assert len(parts[0]) == len(parts[1]) == 6
@@ -438,21 +441,21 @@ def test_synthetic_shapes_and_determinism():
 def test_image_ops():
     rng = np.random.default_rng(0)
     for _ in range(50):
-        y, x, h, w = preprocess.random_resized_crop_box(40, 60, rng, (0.2, 1.0))
+        y, x, h, w = images.random_resized_crop_box(40, 60, rng, (0.2, 1.0))
         assert 0 <= y and y + h <= 40 and 0 <= x and x + w <= 60
         assert 0.15 <= h * w / 2400 <= 1.05 and 0.7 <= w / h <= 1.45
     const = np.full((30, 50, 3), 77, np.uint8)
-    np.testing.assert_allclose(preprocess.resize(const, 9, 13), 77, rtol=1e-5)
+    np.testing.assert_allclose(images.resize(const, 9, 13), 77, rtol=1e-5)
     img = rng.integers(0, 256, (8, 8, 1)).astype(np.uint8)
-    np.testing.assert_array_equal(preprocess.resize(img, 8, 8), img.astype(np.float32))
-    ev = preprocess.EvalImageTransform(4, 3, crop_fraction=0.5)({"image": img, "label": 3})
+    np.testing.assert_array_equal(images.resize(img, 8, 8), img.astype(np.float32))
+    ev = images.EvalImageTransform(4, 3, crop_fraction=0.5)({"image": img, "label": 3})
     assert ev["image"].shape == (4, 4, 3) and ev["label"] == 3
-    np.testing.assert_allclose(ev["image"][..., 0], preprocess.normalize(img[2:6, 2:6, 0]))
-    tr = preprocess.TrainImageTransform(8, 1, random_resized_crop=False, crop_scale=(1, 1),
+    np.testing.assert_allclose(ev["image"][..., 0], images.normalize(img[2:6, 2:6, 0]))
+    tr = images.TrainImageTransform(8, 1, random_resized_crop=False, crop_scale=(1, 1),
                                         aspect_ratio=(1, 1), flip=True)
     outs = {tr({"image": img, "label": 0}, np.random.default_rng(s))["image"].tobytes()
             for s in range(8)}
-    assert outs == {preprocess.normalize(img).tobytes(), preprocess.normalize(img[:, ::-1]).tobytes()}
+    assert outs == {images.normalize(img).tobytes(), images.normalize(img[:, ::-1]).tobytes()}
 
 
 def test_default_config_presets():

@@ -261,10 +261,10 @@ def test_train_flops_per_token_matches_xla_cost_analysis():
 
 @pytest.mark.parametrize("attention", ["xla", "splash_interpret"])
 def test_packed_documents_lose_what_each_document_loses_alone(attention):
-    """Document masking (train.preprocess.lm_example with eos_id): the per-token loss of a
+    """Document masking (train.pack.lm_example with eos_id): the per-token loss of a
     window packing three documents equals each document's loss run alone, and the target
     after each end of document is masked out."""
-    from train.preprocess import lm_example
+    from train.data.pack import lm_example
 
     eos = 255
     cfg = decoder_config("tiny", attention=attention, dtype=jnp.float32)
@@ -306,7 +306,7 @@ def test_lm_task_passes_segment_ids_and_positions_to_the_model():
     from _util import tiny_lm
 
     from train import tasks
-    from train.preprocess import lm_example
+    from train.data.pack import lm_example
 
     config = tiny_lm(**{"data.document_mask": True, "data.seq_len": 32, "model.attention": "xla"})
     task = tasks.make_task(config)

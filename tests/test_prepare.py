@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from _util import REPO, cpu_env, tiny_lm, tiny_vit, train_hf_bpe
 
-from train import prepare as prepare_lib
+from train.data import prepare as prepare_lib
 from train.errors import UserError
 
 DOCS = {  # relative path -> the documents it holds
@@ -143,7 +143,7 @@ def test_image_folder_with_classes_and_a_corrupt_file(tmp_path):
 
 
 def run_prepare(*args):
-    return subprocess.run([sys.executable, "-m", "train.prepare", *args], cwd=REPO, env=cpu_env(),
+    return subprocess.run([sys.executable, "-m", "train.data.prepare", *args], cwd=REPO, env=cpu_env(),
                           capture_output=True, text=True, timeout=120)
 
 

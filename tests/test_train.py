@@ -40,7 +40,8 @@ def test_lm_trains_resumes_exactly_and_logs(tmp_path):
 def test_eval_pipeline_is_built_once_per_run(tmp_path, monkeypatch, pack_mode):
     """Tokenizer, token source and eval pipeline are built once, however many evals run."""
     from train import data as data_lib
-    from train import preprocess, tokenizer
+    from train.data import batch, pack
+    from train.data import tokenize as tokenizer
 
     counts = {}
 
@@ -51,8 +52,8 @@ def test_eval_pipeline_is_built_once_per_run(tmp_path, monkeypatch, pack_mode):
         return wrapper
 
     monkeypatch.setattr(tokenizer, "ByteTokenizer", counted("tokenizer", tokenizer.ByteTokenizer))
-    monkeypatch.setattr(data_lib, "data_source", counted("source", data_lib.data_source))
-    monkeypatch.setattr(preprocess, "WindowSource", counted("source", preprocess.WindowSource))
+    monkeypatch.setattr(batch, "data_source", counted("source", batch.data_source))
+    monkeypatch.setattr(pack, "WindowSource", counted("source", pack.WindowSource))
     monkeypatch.setattr(data_lib, "make_eval_batches", counted("eval", data_lib.make_eval_batches))
     per_run = {}
     for evals in (1, 4):

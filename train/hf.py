@@ -138,7 +138,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "bfloat
 
     tokenizer = str(config.data.get("tokenizer", ""))
     if tokenizer and tokenizer != "bytes" and "eos_token_id" not in hf_config:
-        from train.tokenizer import make_tokenizer  # a model trained here: ids from its tokenizer
+        from train.data.tokenize import make_tokenizer  # a model trained here: ids from its tokenizer
         tok = make_tokenizer(tokenizer, False)
         hf_config = {**hf_config, "eos_token_id": tok.eos_id, "bos_token_id": tok.bos_id}
     files = []

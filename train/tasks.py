@@ -21,7 +21,7 @@ from models import lm_loss
 from models import partitioning
 from models import vit as vit_lib
 from train.errors import ConfigError
-from train.tokenizer import make_tokenizer
+from train.data.tokenize import make_tokenizer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -30,7 +30,7 @@ from train import data as data_lib
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
 from train import setup
-from train import tokenizer as tokenizer_lib
+from train.data import tokenize as tokenizer_lib
 from train.checkpoint import Checkpointer
 from train.errors import ConfigError, TrainingHalted, UserError
 

@@ -1,4 +1,4 @@
-"""Dataset builders and `prepare`: one code path for embedded and real TFDS datasets.
+"""Where examples come from: `dataset_builder`, one code path for embedded and real TFDS datasets.
 
 Embedded datasets (``digits``, ``python_stdlib_text``) are TFDS ``GeneratorBasedBuilder``s
 built from local files into ``data_dir`` (default ``~/.cache/lion_tpu/tensorflow_datasets``)
@@ -17,24 +17,12 @@ import os
 
 import tensorflow_datasets as tfds
 
-from train.datasets.digits import Digits
-from train.datasets.python_stdlib_text import PythonStdlibText
+from train.data.digits import Digits
+from train.data.python_stdlib_text import PythonStdlibText
 from train.errors import UserError
 
 DEFAULT_DATA_DIR = "~/.cache/lion_tpu/tensorflow_datasets"
 EMBEDDED_DATASETS = {"digits": Digits, "python_stdlib_text": PythonStdlibText}
-
-__all__ = [
-    "DEFAULT_DATA_DIR",
-    "EMBEDDED_DATASETS",
-    "DataError",
-    "Digits",
-    "PythonStdlibText",
-    "data_source",
-    "file_lock",
-    "prepare",
-]
-
 
 class DataError(UserError):
     """A dataset is missing or unusable; the message is one line naming it and data_dir."""
@@ -59,7 +47,7 @@ def file_lock(path: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+def dataset_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """Returns a prepared builder for `name`, building embedded datasets if missing.
 
     Embedded: idempotent and safe when several processes start at once (a file lock in

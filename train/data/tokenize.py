@@ -224,3 +224,13 @@ def _load(spec: str):
             return HFTokenizer(json_path)
         raise UserError(f"data.tokenizer {spec} is a directory without tokenizer.json")
     return SentencePieceTokenizer(spec)
+
+
+class TokenizeDocuments:
+    """Document record -> {"tokens": [bos] + ids + [eos]} (for streaming packing)."""
+
+    def __init__(self, tokenizer, text_key):
+        self.tokenizer, self.text_key = tokenizer, text_key
+
+    def __call__(self, record):
+        return {"tokens": self.tokenizer.encode_document(record[self.text_key]).astype(np.int32)}

@@ -1,4 +1,4 @@
-"""Input pipeline: TFDS array_record sources -> grain -> process-local numpy batches.
+"""Batches: TFDS array_record sources -> grain -> process-local numpy batches.
 
 Design (determinism and state)
 ------------------------------
@@ -44,17 +44,14 @@ import grain
 import jax
 import numpy as np
 
-from train import preprocess
-from train.datasets import DEFAULT_DATA_DIR, EMBEDDED_DATASETS, DataError, data_source, prepare
-from train.datasets.synthetic import SyntheticSource
+from train.data import images
+from train.data import pack
+from train.data import tokenize
+from train.data.sources import EMBEDDED_DATASETS, DataError, data_source, dataset_builder
+from train.data.synthetic import SyntheticSource
 from train.errors import ConfigError
-from train.tokenizer import BYTE_EOS_ID, BYTE_VOCAB_SIZE, make_tokenizer
+from train.data.tokenize import make_tokenizer
 
-__all__ = [
-    "BYTE_EOS_ID", "BYTE_VOCAB_SIZE", "DEFAULT_DATA_DIR", "DataError", "EvalBatches",
-    "StepIterator", "get_vocab_size", "make_eval_batches",
-    "make_train_batches", "make_train_iterator", "num_examples", "prepare",
-]
 
 _SYNTHETIC_EVAL_SEED = 2**31 - 1
 # ----------------------------------------------------------------------------- helpers
@@ -151,24 +148,24 @@ def _check_num_classes(cfg, builder) -> None:
 def _examples(cfg, split: str, *, train: bool):
     """(random-access source, per-example fn, fn is random) for a map-style split."""
     if cfg.kind == "image":
-        builder = prepare(cfg.name, cfg.data_dir)
+        builder = dataset_builder(cfg.name, cfg.data_dir)
         _check_num_classes(cfg, builder)
         src = data_source(builder, split)
         if train:
             a = cfg.augment
-            return src, preprocess.TrainImageTransform(
+            return src, images.TrainImageTransform(
                 cfg.image_size, cfg.channels, random_resized_crop=a.random_resized_crop,
                 crop_scale=a.crop_scale, aspect_ratio=a.aspect_ratio,
                 flip=a.flip, image_key=cfg.image_key, label_key=cfg.label_key), True
-        return src, preprocess.EvalImageTransform(
+        return src, images.EvalImageTransform(
             cfg.image_size, cfg.channels, crop_fraction=cfg.eval_crop_fraction,
             image_key=cfg.image_key, label_key=cfg.label_key), False
     if cfg.kind == "text":
-        builder = prepare(cfg.name, cfg.data_dir)
+        builder = dataset_builder(cfg.name, cfg.data_dir)
         tok = _tokenizer(cfg)
-        path = preprocess.cached_token_stream(builder, split, tok, cfg.text_key)
-        return (preprocess.WindowSource(path, int(cfg.seq_len) + 1),
-                functools.partial(preprocess.lm_example, eos_id=_eos_for_masking(cfg)), False)
+        path = pack.cached_token_stream(builder, split, tok, cfg.text_key)
+        return (pack.WindowSource(path, int(cfg.seq_len) + 1),
+                functools.partial(pack.lm_example, eos_id=_eos_for_masking(cfg)), False)
     raise ValueError(f"data.kind must be 'image' or 'text', got {cfg.kind!r}")
 
 
@@ -203,14 +200,14 @@ def make_train_batches(data_cfg, global_batch_size: int, seed: int, *,
 
 
 def _streaming_train(cfg, b: int, seed: int, shard) -> grain.IterDataset:
-    builder = prepare(cfg.name, cfg.data_dir)
+    builder = dataset_builder(cfg.name, cfg.data_dir)
     docs = grain.MapDataset.source(data_source(builder, cfg.train_split))
     docs = docs.seed(seed).shuffle().repeat()[shard.shard_index::shard.shard_count]
-    tokens = docs.map(preprocess.TokenizeDocuments(_tokenizer(cfg), cfg.text_key))
+    tokens = docs.map(tokenize.TokenizeDocuments(_tokenizer(cfg), cfg.text_key))
     ds = _maybe_mp(tokens.to_iter_dataset(_read_options(cfg)), cfg)
     ds = grain.experimental.ConcatThenSplitIterDataset(
         ds, length_struct={"tokens": int(cfg.seq_len) + 1})
-    return ds.map(preprocess.PackedToLM(_eos_for_masking(cfg))).batch(b, drop_remainder=True)
+    return ds.map(pack.PackedToLM(_eos_for_masking(cfg))).batch(b, drop_remainder=True)
 
 
 class StepIterator(grain.DatasetIterator):
@@ -361,14 +358,14 @@ def make_eval_batches(data_cfg, global_batch_size: int, *, process_index=None,
     _check_text_config(cfg)
     cap = cfg.eval_max_batches
     if _streaming(cfg):
-        builder = prepare(cfg.name, cfg.data_dir)
+        builder = dataset_builder(cfg.name, cfg.data_dir)
         docs = grain.MapDataset.source(data_source(builder, cfg.eval_split)).map(
-            preprocess.TokenizeDocuments(_tokenizer(cfg), cfg.text_key))
+            tokenize.TokenizeDocuments(_tokenizer(cfg), cfg.text_key))
         ds = grain.experimental.ConcatThenSplitIterDataset(
             docs.to_iter_dataset(_read_options(cfg)),
             length_struct={"tokens": int(cfg.seq_len) + 1})
         # Every process packs the same global stream, so all see the same batch count.
-        ds = ds.map(preprocess.PackedToLM(_eos_for_masking(cfg))).batch(global_batch_size)
+        ds = ds.map(pack.PackedToLM(_eos_for_masking(cfg))).batch(global_batch_size)
         ds = ds.map(_GlobalToLocal(global_batch_size, shard))
         if cap:
             ds = grain.experimental.LimitIterDataset(ds, int(cap))

@@ -1,7 +1,7 @@
 """Your own files as a TFDS dataset the trainer reads: a text corpus or a folder of images.
 
-    python -m train.prepare --input='corpus/**/*.jsonl.gz' --name=my_corpus --data_dir=~/data
-    python -m train.prepare --input=photos/ --name=my_photos --data_dir=~/data --kind=image
+    python -m train.data.prepare --input='corpus/**/*.jsonl.gz' --name=my_corpus --data_dir=~/data
+    python -m train.data.prepare --input=photos/ --name=my_photos --data_dir=~/data --kind=image
     python -m train --config=configs/lm.py:demo --workdir=W \
         --config.data.name=my_corpus --config.data.data_dir=~/data [--config.data.tokenizer=PATH]
 
@@ -198,7 +198,7 @@ def make_builder(name: str, data_dir: str, kind: str, root: str, files: list[str
         raise UserError(f"--input={root}: images must sit in one subfolder per class (found images "
                         "directly in the folder)")
     options = dict(kind=kind, text_key=text_key, validation_fraction=validation_fraction)
-    description = (f"Prepared by `python -m train.prepare` from {len(files)} files under {root} "
+    description = (f"Prepared by `python -m train.data.prepare` from {len(files)} files under {root} "
                    f"(fingerprint {fingerprint(root, files, options, num_workers)}).")
 
     def read_all():

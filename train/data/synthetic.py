@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from train import preprocess
+from train.data import pack
 
 
 class SyntheticSource:
@@ -26,4 +26,4 @@ class SyntheticSource:
         if self.kind == "image":
             return {"image": rng.uniform(-1, 1, self.image_shape).astype(np.float32),
                     "label": np.int32(rng.integers(self.num_classes))}
-        return preprocess.lm_example(rng.integers(0, self.vocab_size, self.seq_len + 1), eos_id=self.eos_id)
+        return pack.lm_example(rng.integers(0, self.vocab_size, self.seq_len + 1), eos_id=self.eos_id)

@@ -131,51 +131,48 @@ def test_saved_by_two_processes_resumed_by_one(tmp_path, tmp_path_factory):
 # ------------------------------------------------------------------------ 3. preemption
 
 
-def test_sigterm_checkpoints_within_a_step_exits_0_and_resumes(tmp_path):
-    workdir = tmp_path / "preempt"
+def _signal_then_saved(workdir, signum, message):
+    """Starts the tiny LM with no periodic checkpoints, sends `signum` after step 3 and checks
+    the run saved one checkpoint within two steps, printed `message: saved step N, exiting`
+    as its last line and exited 0 without a traceback; returns (args, saved step)."""
     args = ["--config=configs/lm.py:demo", f"--workdir={workdir}",
             *cli_flags(num_steps=100_000, checkpoint_every=0)]
     proc = start_trainer(*args)
     at_signal = wait_for_step(workdir, 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-3000:]
-    saved = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
-    assert len(saved) == 1 and at_signal <= saved[0] <= at_signal + 2, (saved, at_signal)
-    assert "preempted: saved step" in err
-
-    proc = start_trainer(*args)  # the same command resumes
-    wait_for_step(workdir, saved[0] + 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert starts(workdir) == [0, saved[0]]
-    assert_resumed_at(workdir, saved[0], err)
-    steps = [m["step"] for m in read_metrics(workdir) if "loss" in m]
-    assert steps[: saved[0] + 1] == list(range(1, saved[0] + 2))  # continued at the save
-
-
-def test_ctrl_c_saves_like_sigterm_and_a_second_exits_at_once(tmp_path):
-    workdir = tmp_path / "ctrl_c"
-    args = ["--config=configs/lm.py:demo", f"--workdir={workdir}",
-            *cli_flags(num_steps=100_000, checkpoint_every=0)]
-    proc = start_trainer(*args)
-    at_signal = wait_for_step(workdir, 3, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
     saved = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
     assert len(saved) == 1 and at_signal <= saved[0] <= at_signal + 2, (saved, at_signal)
-    assert err.strip().splitlines()[-1] == f"interrupted: saved step {saved[0]}, exiting", err[-2000:]
+    assert err.strip().splitlines()[-1] == f"{message}: saved step {saved[0]}, exiting", err[-2000:]
+    return args, saved[0]
 
+
+def test_sigterm_checkpoints_within_a_step_exits_0_and_resumes(tmp_path):
+    workdir = tmp_path / "preempt"
+    args, saved = _signal_then_saved(workdir, signal.SIGTERM, "preempted")
+    proc = start_trainer(*args)  # the same command resumes
+    wait_for_step(workdir, saved + 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert starts(workdir) == [0, saved]
+    assert_resumed_at(workdir, saved, err)
+    steps = [m["step"] for m in read_metrics(workdir) if "loss" in m]
+    assert steps[: saved + 1] == list(range(1, saved + 2))  # continued at the save
+
+
+def test_ctrl_c_saves_like_sigterm_and_a_second_exits_at_once(tmp_path):
+    workdir = tmp_path / "ctrl_c"
+    args, saved = _signal_then_saved(workdir, signal.SIGINT, "interrupted")
     proc = start_trainer(*args)  # resumes; two Ctrl-C: the second one exits during the save
-    wait_for_step(workdir, saved[0] + 2, proc)
+    wait_for_step(workdir, saved + 2, proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == "interrupted again: exiting without saving", err[-2000:]
-    assert starts(workdir) == [0, saved[0]]
+    assert starts(workdir) == [0, saved]
 
 
 # ------------------------------------------------------------------ 4. damaged checkpoints

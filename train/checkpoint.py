@@ -18,12 +18,13 @@ shows as a mismatch (and a non-finite parameter in a checkpoint without a finger
 damaged (missing or truncated files, undecodable metadata, a fingerprint mismatch) is moved
 aside to `<step>.corrupt` with one warning line and the next older one is tried. Any other
 failure to read (a permission or object-store error, a data-iterator state that cannot be
-restored) stops the run with one line naming the step and the cause, files untouched. Hyperparameters that keep the
-state's layout (lr, weight decay, betas, clipping on or off, schedule, num_steps) resume. A
-checkpoint that reads fine but does not fit the run (other parameter shapes, optimizer or
-momentum dtype; a streaming data position saved by another process count, pack mode or data settings) is
-a user error, not damage: it stops the run with one line naming what differs from the
-saved config, and the checkpoint stays where it is.
+restored) stops the run with one line naming the step and the cause, files untouched.
+
+Hyperparameters that keep the state's layout (lr, weight decay, betas, clipping on or off,
+schedule, num_steps) resume. A checkpoint that reads fine but does not fit the run (other
+parameter shapes, optimizer or momentum dtype; a streaming data position saved by another
+process count, pack mode or data settings) is a user error, not damage: it stops the run
+with one line naming what differs from the saved config, and the checkpoint stays where it is.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu only compiles for TPU topologies here (train.aot): it must never open a chip, and
 # several processes may load it at once.
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # else libtpu logs 4 lines of errors
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import dataclasses  # noqa: E402

@@ -12,8 +12,8 @@ compute dominates, and XLA's cost model counts no work inside kernels (custom ca
 scanned layer once, so neither is a measurement.
 
 `compile_report` from another program needs the CLI's environment set before jax loads:
-JAX_PLATFORMS=cpu, TPU_ACCELERATOR_TYPE (any TPU type; libtpu then never looks for a chip)
-and ALLOW_MULTIPLE_LIBTPU_LOAD=1, as `benchmarks/common.py` and `tests/conftest.py` do.
+JAX_PLATFORMS=cpu, TPU_ACCELERATOR_TYPE (any TPU type; libtpu then never looks for a chip),
+TPU_WORKER_HOSTNAMES=localhost and ALLOW_MULTIPLE_LIBTPU_LOAD=1, as `benchmarks/common.py` does.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 if __name__ == "__main__":  # the CLI only compiles: jax on CPU, and libtpu never opens a chip
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # else libtpu logs 4 lines of errors
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiling processes at once
 
 import importlib.util  # noqa: E402

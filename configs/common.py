@@ -84,11 +84,14 @@ def model_fields(family: str, name: str, **values) -> ml_collections.ConfigDict:
         head, built, cls = dict(family="lm", size=name), spec.decoder_config(name, **values), spec.DecoderConfig
     else:
         head, built, cls = dict(family="vit", variant=name), spec.vit_config(name, **values), spec.ViTConfig
+    explicit = {**(spec.DECODER_SIZES.get(name, {}) if family == "lm" else {}), **values}
     c = ml_collections.ConfigDict(head)
     for field in dataclasses.fields(cls):
         if field.name in _FROM_ELSEWHERE:
             continue
-        if field.name in values:
+        if field.name in explicit and field.default is None:  # set by the size or the caller
+            value = explicit[field.name]
+        elif field.name in values:
             value = values[field.name]
         elif field.default is None:  # derived by the model unless set
             kind = str(field.type).split("|")[0].strip()

@@ -22,6 +22,10 @@ from configs.data import data_config
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c = common.base_config()
     c.z_loss = 1e-4
+    # Mixture-of-experts models (model.num_experts > 0): the routers' load-balancing loss
+    # (Switch / Mixtral form) and router z-loss (ST-MoE) weights.
+    c.moe_aux_loss = 0.01
+    c.moe_z_loss = 0.001
     c.loss_chunk = 0  # sequence positions per output-head/loss chunk (0: whole sequence)
     c.loss_vocab_chunks = 1  # strided vocabulary slices per output-head/loss chunk (models.lm_loss)
     c.sample_steps = 200  # tokens generated after training (0 = none)
@@ -48,13 +52,27 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.optimizer.adafactor = common.adafactor(1e-2, 0.01)
         return c
 
+    if arg == "moe-demo":
+        # The demo with a mixture of experts in every layer: 8 SwiGLU experts of width 192, 2 per
+        # token, so a token runs through the dense demo's 384 of MLP width (equal active parameters).
+        c = get_config("demo")
+        c.model = common.model_fields(
+            "lm", "tiny", d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_dim=384,
+            max_seq_len=512, scan_layers=True, remat="none", dtype="float32", attention="auto",
+            num_experts=8, experts_per_token=2, expert_ffn_dim=192)
+        return c
+
     if arg == "finetune":
         return finetune_config(c)
 
     # (seq_len, batch, vocab); 8b at batch 128 needs 12.6 GB of temporaries per v5p-64 chip (train.aot).
-    sizes = {"1b": (2048, 1024, 32000), "8b": (8192, 128, 128256), "8b-v5e": (8192, 8, 128256)}
+    # mixtral-8x7b / qwen3-30b-a3b: the published shapes at seq 4096, 1 sequence per chip of a
+    # v5p:2x2x2 (set batch_size to the chip count of the slice).
+    sizes = {"1b": (2048, 1024, 32000), "8b": (8192, 128, 128256), "8b-v5e": (8192, 8, 128256),
+             "mixtral-8x7b": (4096, 8, 32000), "qwen3-30b-a3b": (4096, 8, 151936)}
     if arg not in sizes:
-        raise ValueError(f"configs/lm.py: unknown variant {arg!r}; use demo, 1b, 8b, 8b-v5e or finetune")
+        raise ValueError(f"configs/lm.py: unknown variant {arg!r}; use demo, moe-demo, 1b, 8b, 8b-v5e, "
+                         "mixtral-8x7b, qwen3-30b-a3b or finetune")
     seq_len, batch, vocab = sizes[arg]
     c.data = data_config("c4")
     # tokenizer: a SentencePiece .model or tokenizer.json matching vocab_size (required).
@@ -62,7 +80,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     # of it at every eval on every process.
     c.data.update(dict(seq_len=seq_len, tokenizer="", vocab_size=vocab,
                        eval_max_batches=-(-50_000_000 // (seq_len * batch))))
-    c.model = common.model_fields("lm", arg.split("-")[0], max_seq_len=seq_len, scan_layers=True,
+    size = arg if arg in ("mixtral-8x7b", "qwen3-30b-a3b") else arg.split("-")[0]
+    c.model = common.model_fields("lm", size, max_seq_len=seq_len, scan_layers=True,
                                   remat="full", dtype="bfloat16", attention="auto")
     # The output head and loss run 1024 positions at a time (models.lm_loss): the 8b's
     # float32 logits over 128k tokens would otherwise be the step's largest temporaries.

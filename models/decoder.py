@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import attention as attention_lib
-from models import layer_stack, lm_loss
+from models import layer_stack, lm_loss, moe
 from models.partitioning import constrain
 from models.spec import DECODER_SIZES, DecoderConfig, RopeScaling, decoder_config  # noqa: F401 - re-exported
 
@@ -46,11 +46,12 @@ def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-    """Root-mean-square norm with a learned scale; statistics in float32."""
+    """Root-mean-square norm over the last axis (d_model, or `dim` named `axis`) with a
+    learned scale; statistics in float32."""
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, dim: int | None = None, axis: str = "embed"):
         self.eps, self.dtype = cfg.norm_eps, cfg.dtype
-        self.scale = _param(rngs, nnx.initializers.ones, (cfg.d_model,), ("embed",),
+        self.scale = _param(rngs, nnx.initializers.ones, (dim or cfg.d_model,), (axis,),
                             cfg.param_dtype)
 
     def __call__(self, x: Array) -> Array:
@@ -104,6 +105,9 @@ class Attention(nnx.Module):
         self.value = _param(rngs, in_proj, (d, k, q), ("embed", "kv_heads", "head_dim"), pd)
         self.out = _param(rngs, _kernel_init((0, 1), 2), (h, q, d),
                           ("heads", "head_dim", "embed"), pd)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg, rngs=rngs, dim=q, axis="head_dim")
+            self.k_norm = RMSNorm(cfg, rngs=rngs, dim=q, axis="head_dim")
 
     def __call__(self, x, positions, cache=None, cache_index=None, segment_ids=None):
         """x: [batch, seq, d_model] -> (same shape, updated per-layer cache or None).
@@ -118,6 +122,8 @@ class Attention(nnx.Module):
         q = layer_stack.name(jnp.einsum("btd,dhq->bthq", x, self.query[...].astype(dt)), "query_proj")
         k = layer_stack.name(jnp.einsum("btd,dkq->btkq", x, self.key[...].astype(dt)), "key_proj")
         v = layer_stack.name(jnp.einsum("btd,dkq->btkq", x, self.value[...].astype(dt)), "value_proj")
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(q, ("act_batch", "act_length", "act_heads", None))
         k, v = constrain(k, kv_axes), constrain(v, kv_axes)
         q = apply_rope(q, positions, cfg.rope_theta, cfg.rope_scaling) * jnp.asarray(cfg.head_dim ** -0.5, dt)
@@ -157,19 +163,27 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.)), the MLP dense or a
+    mixture of experts (`cfg.num_experts`); returns the router's auxiliary values too ({}
+    for a dense MLP)."""
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg, rngs=rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        if cfg.num_experts:
+            self.mlp = moe.MoeMlp(cfg.d_model, cfg.expert_ffn_dim or cfg.ffn_dim, cfg.num_experts,
+                                  cfg.experts_per_token, norm_topk_prob=cfg.norm_topk_prob,
+                                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs)
+        self.experts = bool(cfg.num_experts)
 
     def __call__(self, x, positions, cache=None, cache_index=None, segment_ids=None):
         attn_out, cache = self.attn(self.attn_norm(x), positions, cache, cache_index, segment_ids)
         x = x + attn_out
-        x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ACT_EMBED), cache
+        mlp_out, aux = self.mlp(self.mlp_norm(x)) if self.experts else (self.mlp(self.mlp_norm(x)), {})
+        return constrain(x + mlp_out, ACT_EMBED), cache, aux
 
 
 # ----------------------------------------------------------------------------- model
@@ -201,6 +215,13 @@ class Decoder(nnx.Module):
         """The final-normed activations [batch, seq, d_model] that `logits` projects."""
         return self._forward(tokens, positions, None, None, segment_ids)[0]
 
+    def hidden_and_aux(self, tokens: Array, positions: Array | None = None,
+                       segment_ids: Array | None = None) -> tuple[Array, dict]:
+        """(`hidden`, the routers' auxiliary values averaged over layers, `expert_load_max`
+        the largest over layers): {} for a dense model (models.moe names them)."""
+        hidden, _, aux = self._forward(tokens, positions, None, None, segment_ids)
+        return hidden, aux
+
     def head_kernel(self) -> Array:
         """The output head [d_model, vocab] in the compute dtype (the embedding's transpose
         when tied), as `models.lm_loss.chunked_cross_entropy` takes it."""
@@ -219,7 +240,7 @@ class Decoder(nnx.Module):
         Returns (float32 logits [batch, seq, vocab], updated cache). Positions default
         to the slot indices.
         """
-        hidden, cache = self._forward(tokens, positions, cache, cache_index, None)
+        hidden, cache, _ = self._forward(tokens, positions, cache, cache_index, None)
         return self.logits(hidden), cache
 
     def _forward(self, tokens, positions, cache, cache_index, segment_ids):
@@ -230,14 +251,15 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)
         x = constrain(x, ACT_EMBED)
-        x, cache = self._run_layers(x, positions, cache, cache_index, segment_ids)
-        return self.final_norm(x), cache
+        x, cache, aux = self._run_layers(x, positions, cache, cache_index, segment_ids)
+        return self.final_norm(x), cache, aux
 
     def _run_layers(self, x, positions, cache, cache_index, segment_ids):
         cfg = self.config
 
         def run_block(block, x, layer_cache):
-            return block(x, positions, layer_cache, cache_index, segment_ids)
+            x, layer_cache, aux = block(x, positions, layer_cache, cache_index, segment_ids)
+            return x, (layer_cache, aux)
 
         run_block = layer_stack.remat(run_block, cfg.remat, in_scan=cfg.scan_layers)
 
@@ -247,16 +269,23 @@ class Decoder(nnx.Module):
             def scan_blocks(x, block, layer_cache):
                 return run_block(block, x, layer_cache)
 
-            return scan_blocks(x, self.layers, cache)
+            x, (cache, aux) = scan_blocks(x, self.layers, cache)
+            return x, cache, _over_layers(aux)
 
-        new_caches = []
+        new_caches, auxes = [], []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-            x, layer_cache = run_block(block, x, layer_cache)
+            x, (layer_cache, aux) = run_block(block, x, layer_cache)
             new_caches.append(layer_cache)
+            auxes.append(aux)
         if cache is not None:
             cache = jax.tree.map(lambda *c: jnp.stack(c), *new_caches)
-        return x, cache
+        return x, cache, _over_layers(jax.tree.map(lambda *a: jnp.stack(a), *auxes))
+
+
+def _over_layers(aux: dict) -> dict:
+    """Per-layer router values [layers] -> the mean over layers (the largest load: max)."""
+    return {k: jnp.max(v) if k == "expert_load_max" else jnp.mean(v) for k, v in aux.items()}
 
 
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int) -> KVCache:
@@ -286,11 +315,16 @@ def unstack_layer_params(params: dict) -> dict:
 
 
 def matmul_params(cfg: DecoderConfig) -> int:
-    """Parameters used in matmuls: all projections and the output head, not the lookup."""
+    """Parameters used in matmuls per token: all projections (of a mixture of experts, the
+    router and the experts a token runs through: active parameters) and the output head,
+    not the lookup."""
     d, q = cfg.d_model, cfg.head_dim
     attention = 2 * d * cfg.num_heads * q + 2 * d * cfg.num_kv_heads * q
-    per_layer = attention + 3 * d * cfg.ffn_dim
-    return cfg.num_layers * per_layer + d * cfg.vocab_size
+    if cfg.num_experts:  # the experts a token runs through, and the router
+        mlp = cfg.experts_per_token * 3 * d * (cfg.expert_ffn_dim or cfg.ffn_dim) + d * cfg.num_experts
+    else:
+        mlp = 3 * d * cfg.ffn_dim
+    return cfg.num_layers * (attention + mlp) + d * cfg.vocab_size
 
 
 def train_flops_per_token(cfg: DecoderConfig, seq_len: int, causal: bool = True) -> float:

@@ -345,6 +345,9 @@ def hf_config(cfg: decoder.DecoderConfig, dtype: str = "bfloat16", base: dict | 
     if cfg.attn_logit_softcap is not None:
         raise HFCheckpointError(f"attn_logit_softcap={cfg.attn_logit_softcap} has no field in a Llama or "
                                 "Mistral config.json: transformers would compute other logits")
+    if cfg.num_experts or cfg.qk_norm:
+        raise HFCheckpointError("mixture-of-experts and q/k-norm models (Mixtral, Qwen3) are not "
+                                "written as Hugging Face checkpoints yet")
     out = {k: v for k, v in (base or {}).items()
            if k not in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype")}
     # A Mistral checkpoint's sliding window goes back out with it (the model was trained within

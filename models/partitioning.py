@@ -35,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("layers", None),
+    ("experts", None),  # a mixture of experts' expert axis: replicated (no expert parallelism yet)
     ("classes", None),
     ("patch", None),
     ("channels", None),

@@ -54,6 +54,14 @@ class DecoderConfig:
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     attn_logit_softcap: float | None = None
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    # Mixture of experts (models.moe): num_experts > 0 puts one in every layer's MLP, each
+    # token through `experts_per_token` SwiGLU experts of width `expert_ffn_dim` (None:
+    # ffn_dim); `norm_topk_prob` renormalises the top-k routing weights (Mixtral always does).
+    num_experts: int = 0
+    experts_per_token: int = 2
+    expert_ffn_dim: int | None = None
+    norm_topk_prob: bool = True
     dtype: Any = np.float32
     param_dtype: Any = np.float32
     scan_layers: bool = True
@@ -71,6 +79,9 @@ class DecoderConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.num_experts < 0 or (self.num_experts and not 1 <= self.experts_per_token <= self.num_experts):
+            raise ValueError(f"experts_per_token={self.experts_per_token} must be between 1 and "
+                             f"num_experts={self.num_experts}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
@@ -93,6 +104,15 @@ DECODER_SIZES: dict[str, dict[str, Any]] = {
     # Llama-3-8B.
     "8b": dict(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                ffn_dim=14336, max_seq_len=8192, rope_theta=500_000.0),
+    # Mixtral-8x7B (46.7B parameters, 12.9B active): 8 experts, top-2, weights renormalised.
+    "mixtral-8x7b": dict(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                         ffn_dim=14336, max_seq_len=32768, rope_theta=1_000_000.0, num_experts=8,
+                         experts_per_token=2, norm_topk_prob=True),
+    # Qwen3-30B-A3B (30.5B parameters, 3.3B active): 128 experts of width 768, top-8, q/k norm.
+    "qwen3-30b-a3b": dict(vocab_size=151936, d_model=2048, num_layers=48, num_heads=32, num_kv_heads=4,
+                          head_dim=128, ffn_dim=6144, max_seq_len=40960, rope_theta=1_000_000.0,
+                          norm_eps=1e-6, qk_norm=True, num_experts=128, experts_per_token=8,
+                          expert_ffn_dim=768, norm_topk_prob=True),
 }
 
 

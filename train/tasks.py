@@ -148,6 +148,8 @@ class LanguageModeling(_Task):
             raise ConfigError(
                 f"data.seq_len {self.seq_len} exceeds the model's max_seq_len {self.model_config.max_seq_len}")
         self.z_loss = float(config.z_loss)
+        # Mixture of experts: weights of the routers' load-balancing and z losses.
+        self.moe_aux_loss, self.moe_z_loss = float(config.get("moe_aux_loss", 0.0)), float(config.get("moe_z_loss", 0.0))
         # Sequence positions per chunk of the output head and loss (0: the whole sequence).
         self.loss_chunk = int(config.loss_chunk)
         if self.loss_chunk < 0 or (0 < self.loss_chunk < self.seq_len and self.seq_len % self.loss_chunk):
@@ -227,17 +229,20 @@ class LanguageModeling(_Task):
         return shapes
 
     def _loss(self, model, batch, z_loss):
-        hidden = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-        return lm_loss.chunked_cross_entropy(hidden, model.head_kernel(), batch["targets"], batch.get("mask"),
-                                             z_loss, self.loss_chunk, self.loss_vocab_chunks)
+        hidden, router = model.hidden_and_aux(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+        loss, aux = lm_loss.chunked_cross_entropy(hidden, model.head_kernel(), batch["targets"], batch.get("mask"),
+                                                  z_loss, self.loss_chunk, self.loss_vocab_chunks)
+        return loss, aux, router
 
     def loss(self, model, batch, rng):
         del rng  # no dropout in the decoder
-        loss, aux = self._loss(model, batch, self.z_loss)
-        return loss, {"accuracy": aux["accuracy"], "nll": aux["nll"]}
+        loss, aux, router = self._loss(model, batch, self.z_loss)
+        if router:  # a mixture of experts: balance the experts' load, keep the router logits small
+            loss = loss + self.moe_aux_loss * router["load_balancing_loss"] + self.moe_z_loss * router["router_z_loss"]
+        return loss, {"accuracy": aux["accuracy"], "nll": aux["nll"], **router}
 
     def eval_sums(self, model, batch):
-        _, aux = self._loss(model, batch, 0.0)
+        _, aux, _ = self._loss(model, batch, 0.0)
         n = aux["num_tokens"]
         return {"loss": aux["nll"] * n, "accuracy": aux["accuracy"] * n, "count": n}
 

@@ -342,6 +342,8 @@ BAD_INPUT = [
      "kernel must be one of"),
     (["--config.optimizer.grad_clip_norm=-1"], "grad_clip_norm must be a number >= 0"),
     (["--config.optimizer.lion.learning_rate=-0.001"], "optimizer.lion.learning_rate must be a number >= 0"),
+    (["--config.model.num_experts=4", "--config.model.experts_per_token=5"],
+     "experts_per_token=5 must be between 1 and num_experts=4"),
     (["--config.optimizer.lion.learning_rat=1"],
      "unknown config key config.optimizer.lion.learning_rat (in --config.optimizer.lion.learning_rat); "
      "did you mean config.optimizer.lion.learning_rate?"),

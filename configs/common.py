@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""
     c.debug_nan_at_step = -1  # fault injection for tests: poison this step's gradients
     # ICI axis sizes (-1 = fill with the remaining devices) and DCN (multi-slice) sizes.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1))
     # Logical-axis rules overriding models.partitioning.DEFAULT_RULES, e.g.
     # (("embed", "fsdp"), ("mlp", "tensor"), ...); empty = the defaults.
     c.sharding_rules = ()

@@ -89,7 +89,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.batch_size = batch  # sequences: 2M tokens (1b) / 1M tokens (8b) per step
     c.num_steps = 100_000
     c.optimizer.warmup_steps = 2000
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1))
     c.log_every, c.eval_every, c.checkpoint_every = 20, 2000, 1000
     if arg == "8b-v5e":
         # Llama-3-8B on the cheapest slice, v5e:2x4 (8 chips of 16 GiB), 1 sequence of 8192
@@ -134,7 +134,7 @@ def finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.optimizer.lion = common.lion(4e-6, 0.1, b1=0.95, b2=0.98)
     c.optimizer.adamw = common.adamw(2e-5, 0.01, b1=0.9, b2=0.95)
     c.optimizer.adafactor = common.adafactor(2e-5, 0.01)
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1))
     c.log_every, c.eval_every, c.checkpoint_every = 10, 200, 200
     c.sample_steps = 0
     return c

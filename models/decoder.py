@@ -174,6 +174,7 @@ class Block(nnx.Module):
         if cfg.num_experts:
             self.mlp = moe.MoeMlp(cfg.d_model, cfg.expert_ffn_dim or cfg.ffn_dim, cfg.num_experts,
                                   cfg.experts_per_token, norm_topk_prob=cfg.norm_topk_prob,
+                                  matmul=cfg.expert_matmul,
                                   dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         else:
             self.mlp = MLP(cfg, rngs=rngs)

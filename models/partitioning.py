@@ -3,7 +3,7 @@
 Every parameter in `models/` is created with `nnx.with_partitioning(init, (logical, ...))`
 using the names below; activations are constrained at block boundaries with `constrain`.
 A single rules table (`DEFAULT_RULES`) maps logical names to the physical mesh axes
-`data`, `fsdp` and `tensor`; the trainer may override it from config. Names that a
+`data`, `fsdp`, `expert` and `tensor`; the trainer may override it from config. Names that a
 rule maps to `None` (or that are missing) stay replicated.
 
 Build and call models inside `sharding_context(mesh, rules)`: with a mesh, flax shards
@@ -21,27 +21,30 @@ import jax
 from flax.core import spmd as core_spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical name -> mesh axis (or tuple of axes, or None). Parameters are sharded over
-# `fsdp` along their model dimension and over `tensor` along heads / MLP / vocab;
-# activations are sharded over (data, fsdp) along batch.
+# `fsdp` along their model dimension and over `tensor` along heads / MLP / vocab; a mixture
+# of experts' weights over `expert` along their expert dimension. Outside the experts the
+# `expert` axis is one more data-parallel axis, as in MaxText: activations are sharded over
+# (data, fsdp, expert) along batch and the other weights over (fsdp, expert).
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("vocab", "tensor"),
     ("layers", None),
-    ("experts", None),  # a mixture of experts' expert axis: replicated (no expert parallelism yet)
+    ("experts", "expert"),
+    ("expert_embed", "fsdp"),  # an expert's model dimension (its expert dimension has `expert`)
     ("classes", None),
     ("patch", None),
     ("channels", None),
     ("posemb", None),
     # activations
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp", "expert")),
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -117,18 +120,20 @@ def variable_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=None):
 
     Variables without a sharding annotation are replicated, and so is any dimension
     whose size the mapped mesh axes do not divide (e.g. a 257-entry vocabulary on a
-    2-way `tensor` axis), so every model fits every mesh.
+    2-way `tensor` axis), so every model fits every mesh. Mesh axes of size 1 are left out
+    of the specs.
     """
     from flax import nnx
 
     def divisible(spec: PartitionSpec, shape) -> PartitionSpec:
         out = []
         for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            names = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ()))
+                          if mesh.shape[a] > 1)
             ways = 1
             for name in names:
                 ways *= mesh.shape[name]
-            out.append(axes if dim % ways == 0 else None)
+            out.append(None if not names or dim % ways else names[0] if len(names) == 1 else names)
         return PartitionSpec(*out)
 
     def one(v):

@@ -17,6 +17,8 @@ import numpy as np
 # (models.attention).
 REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_dot_except_mlp")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "flash", "cudnn", "splash_interpret", "flash_interpret")
+# The experts' grouped matmul (models.expert_dispatch): auto = megablox on TPU, ragged_dot elsewhere.
+EXPERT_MATMULS = ("auto", "ragged_dot", "megablox", "megablox_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,7 @@ class DecoderConfig:
     experts_per_token: int = 2
     expert_ffn_dim: int | None = None
     norm_topk_prob: bool = True
+    expert_matmul: str = "auto"  # see EXPERT_MATMULS
     dtype: Any = np.float32
     param_dtype: Any = np.float32
     scan_layers: bool = True
@@ -82,6 +85,8 @@ class DecoderConfig:
         if self.num_experts < 0 or (self.num_experts and not 1 <= self.experts_per_token <= self.num_experts):
             raise ValueError(f"experts_per_token={self.experts_per_token} must be between 1 and "
                              f"num_experts={self.num_experts}")
+        if self.expert_matmul not in EXPERT_MATMULS:
+            raise ValueError(f"expert_matmul={self.expert_matmul!r} is not one of {EXPERT_MATMULS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:

@@ -65,7 +65,7 @@ def test_lm_1b_on_v5e_is_fsdp_sharded_a_quarter_per_chip():
     config.batch_size, config.data.seq_len, config.model.max_seq_len = 8, 256, 256
     built = setup.build(config, aot.topology_devices("v5e:2x2")[0])
     assert sum(x.size for x in jax.tree.leaves(built.abstract_state.params)) == 1_100_048_384
-    assert dict(built.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert dict(built.mesh.shape) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
     # fsdp shards every matrix 4 ways (the 2048-wide norms too): a quarter per chip.
     assert aot.shard_bytes(built.abstract_state.params) == pytest.approx(4 * 1_100_048_384 / 4, rel=1e-3)
     assert aot.shard_bytes(built.abstract_state.opt_state) == pytest.approx(2 * 1_100_048_384 / 4, rel=1e-3)
@@ -103,8 +103,8 @@ def test_unknown_topology_is_a_config_error():
 def test_hybrid_mesh_over_two_slices():
     devices, _ = aot.topology_devices("v5e:2x2", num_slices=2)
     mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "dcn_data": 2}, devices)
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
-    slices = [[d.slice_index for d in row] for row in mesh.devices[:, :, 0]]
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "expert": 1, "tensor": 1}
+    slices = [[d.slice_index for d in row] for row in mesh.devices[:, :, 0, 0]]
     # The DCN factor is the outer part of `data`: only data-parallel traffic crosses slices.
     assert slices == [[0, 0], [0, 0], [1, 1], [1, 1]]
 
@@ -128,3 +128,48 @@ def test_tpu_step_runs_the_splash_kernel(family):
     assert any(k.startswith("splash_mha_dkv") for k in kernels), kernels
     if family == "lm":  # with attention='xla' this step holds 177 [..., 256, 256] arrays
         assert not re.search(r"\w+\[[\d,]*256,256\]", hlo)
+
+
+def test_tpu_moe_step_runs_megablox_and_the_ragged_all_to_all():
+    """A mixture of experts on a TPU topology with the experts split over 2 chips: the grouped
+    matmuls are the megablox kernels (gmm forward, gmm and tgmm backward) and tokens travel
+    by ragged all-to-all; no [tokens, experts, ...] tensor appears."""
+    config = lm_configs.get_config("moe-demo")
+    config.batch_size, config.data.seq_len, config.mesh.expert = 8, 256, 2
+    built = setup.build(config, aot.topology_devices("v5e:2x2")[0])
+    assert dict(built.mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1}
+    hlo = built.lower_train_step().compile().as_text()
+    kernels = {re.match(r"\s*%?([\w]+)", line).group(1) for line in hlo.splitlines()
+               if 'custom_call_target="tpu_custom_call"' in line}
+    assert "gmm" in kernels and "tgmm" in kernels, kernels
+    assert "ragged-all-to-all" in hlo
+    # 512 tokens per chip x 8 experts would be a [512, 8, ...] or [8, 512, ...] dispatch tensor.
+    assert not re.search(r"\[(512,8|8,512),\d+\]", hlo)
+
+
+def _forward_flops(**model):
+    config = lm_configs.get_config("moe-demo")
+    config.batch_size, config.data.seq_len = 8, 256
+    config.model.update(dict(scan_layers=False, expert_matmul="ragged_dot", **model))
+    built = setup.build(config, aot.topology_devices("v5e:1x1")[0])
+    with built.context():
+        lowered = built.eval_step.lower(built.abstract_state.params, built.abstract_batch())
+    return lowered.compile().cost_analysis()["flops"]
+
+
+def test_moe_layers_spend_only_the_active_experts_flops():
+    """XLA's count for the model's forward pass (layers unrolled, the XLA ragged_dot path, whose
+    TPU cost model counts the rows it multiplies): the mixture of experts (8 experts of width
+    192, 2 per token) minus the dense model of the same active width (384) is the routers'
+    cost alone, so the experts' FLOPs per token are the active experts'. A dense dispatch
+    (every expert on every token) would be 4x. (The backward is not checked here: XLA:TPU
+    lowers ragged_dot's weight gradient as a masked dense product, experts x the active
+    FLOPs, which is why the TPU step uses megablox's tgmm kernel, and XLA counts no FLOPs
+    inside kernels; docs/moe.md.)"""
+    moe_flops = _forward_flops()
+    dense_flops = _forward_flops(num_experts=0)
+    config = lm_configs.get_config("moe-demo").model
+    tokens, d, layers = 8 * 256, config.d_model, config.num_layers
+    active_mlp = 2 * tokens * layers * 3 * d * config.experts_per_token * config.expert_ffn_dim
+    moe_layers = moe_flops - dense_flops + active_mlp
+    assert moe_layers / active_mlp < 1.15, moe_layers / active_mlp

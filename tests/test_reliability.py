@@ -108,7 +108,7 @@ def test_resume_on_a_different_mesh(tmp_path, tmp_path_factory):
     ckpt.close()
     assert_bitwise_equal(jax.tree.map(np.asarray, restored.params), saved)
     embed = restored.params["embed"]
-    assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert embed.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")  # tensor has size 1
     assert embed.sharding.shard_shape(embed.shape) == (384, 8)  # 32 columns over fsdp=4
     ref, got = train_losses(reference), train_losses(workdir)
     for step in (5, 6):
@@ -344,6 +344,9 @@ BAD_INPUT = [
     (["--config.optimizer.lion.learning_rate=-0.001"], "optimizer.lion.learning_rate must be a number >= 0"),
     (["--config.model.num_experts=4", "--config.model.experts_per_token=5"],
      "experts_per_token=5 must be between 1 and num_experts=4"),
+    (["--config.model.num_experts=6", "--config.mesh.expert=4"],
+     "mesh.expert=4 does not divide model.num_experts=6"),
+    (["--config.model.num_experts=4", "--config.model.expert_matmul=dense"], "expert_matmul='dense' is not one of"),
     (["--config.optimizer.lion.learning_rat=1"],
      "unknown config key config.optimizer.lion.learning_rat (in --config.optimizer.lion.learning_rat); "
      "did you mean config.optimizer.lion.learning_rate?"),

@@ -205,7 +205,7 @@ def test_zero_sharded_optimizer_state_matches_and_reduce_scatters(tmp_path, mesh
     ({"data": -1, "fsdp": -1, "tensor": 1}, "at most one axis may be -1"),
     ({"data": -1, "fsdp": 3, "tensor": 1}, "not divisible by 3"),
     ({"data": 0, "fsdp": 1, "tensor": 1}, "positive integer or -1"),
-    ({"data": -1, "expert": 2}, "unknown axis 'expert'"),
+    ({"data": -1, "experts": 2}, "unknown axis 'experts'"),
 ])
 def test_bad_mesh_is_one_clear_error(mesh_cfg, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,6 +1,7 @@
-"""Device mesh from config: (data, fsdp, tensor) on ICI, optionally x DCN for multi-slice.
+"""Device mesh from config: (data, fsdp, expert, tensor) on ICI, optionally x DCN for multi-slice.
 
-    config.mesh = dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+    config.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_expert=1,
+                       dcn_tensor=1)
 
 `-1` fills one ICI axis with whatever devices remain. With any `dcn_*` > 1 the mesh is a
 hybrid ICI x DCN mesh (each axis spans slices as dcn size x ICI size). Axes use
@@ -22,7 +23,7 @@ from train.errors import ConfigError
 
 DCN_AXES = tuple(f"dcn_{a}" for a in MESH_AXES)
 # The mesh axes the global batch is split over (data parallelism, with FSDP as well).
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def resolve_mesh_shape(mesh_cfg: Mapping, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
@@ -36,7 +37,7 @@ def resolve_mesh_shape(mesh_cfg: Mapping, num_devices: int) -> tuple[dict[str, i
         if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
             raise ConfigError(f"mesh.{name} must be a positive integer or -1, got {size!r}")
     if any(s == -1 for s in dcn.values()):
-        raise ConfigError("mesh: -1 (fill) is allowed only on ICI axes (data, fsdp, tensor)")
+        raise ConfigError("mesh: -1 (fill) is allowed only on ICI axes (data, fsdp, expert, tensor)")
     fill = [a for a, s in ici.items() if s == -1]
     if len(fill) > 1:
         raise ConfigError(f"mesh: at most one axis may be -1, got {fill}")
@@ -76,7 +77,7 @@ def make_mesh(mesh_cfg: Mapping, devices: Sequence[jax.Device] | None = None) ->
 
 
 def batch_axis_size(mesh: Mesh) -> int:
-    """Number of shards the global batch is split into (data x fsdp)."""
+    """Number of shards the global batch is split into (data x fsdp x expert)."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
@@ -93,7 +94,7 @@ def check_batch(global_batch: int, grad_accum_steps: int, mesh: Mesh, process_co
     if micro % shards:
         raise ConfigError(
             f"microbatch {micro} (batch_size {global_batch} / grad_accum_steps {grad_accum_steps}) "
-            f"is not divisible by the data-parallel size data x fsdp = {shards}")
+            f"is not divisible by the data-parallel size data x fsdp x expert = {shards}")
     if global_batch % process_count:
         raise ConfigError(f"batch_size {global_batch} is not divisible by the {process_count} processes")
 

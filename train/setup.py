@@ -30,6 +30,7 @@ import lion_optax
 from models import hf, partitioning
 from train import mesh as mesh_lib
 from train import optim, steps, tasks
+from train.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,9 @@ def build(config, devices=None) -> Run:
                          len({d.process_index for d in devices}))
     task = tasks.make_task(config)
     config = task.resolve(config)  # e.g. data.seq_len left to the model
+    experts = config.get("model", {}).get("num_experts") or 0
+    if experts and experts % mesh.shape["expert"]:
+        raise ConfigError(f"mesh.expert={mesh.shape['expert']} does not divide model.num_experts={experts}")
     mask = optim.decay_mask(task, config.optimizer)
     tx, lr_schedule = optim.make_optimizer(config.optimizer, config.num_steps, mask)
     apply_fn = optim.fused_apply(config.optimizer, config.num_steps, mask)

@@ -47,6 +47,7 @@ _VMEM_BUDGET = 12 * 2**20  # what one grid step's tiles may use of it
 # plus float32 temporaries (measured: a 64 x 8192 tile needs 22.1 MiB, 42 B/entry).
 _BYTES_PER_ENTRY = 2 * (4 + 4 + 1) + 2 * (4 + 1) + 16
 _ROW_ALIGN = 32  # int8 tiles on TPU are (32, 128): row blocks come in multiples of 32
+_LANES = 128
 _MAX_TILE_ENTRIES = 2**19  # at most 2 MiB of float32 per operand tile
 
 
@@ -62,9 +63,11 @@ class FusedLion(NamedTuple):
 
 def row_tile(rows: int, width: int) -> int | None:
     """Rows per kernel grid step for a [rows, width] leaf, or None when even the smallest
-    tile of whole rows does not fit the VMEM budget (that leaf uses the XLA route)."""
-    per_row = width * _BYTES_PER_ENTRY
-    fit = min(_VMEM_BUDGET // per_row, max(_MAX_TILE_ENTRIES // width, 1))
+    tile of whole rows does not fit the VMEM budget (that leaf uses the XLA route). VMEM
+    holds a row in whole 128-lane vregs: an 8-wide row (a router's) takes 128 entries."""
+    lanes = -(-width // _LANES) * _LANES
+    per_row = lanes * _BYTES_PER_ENTRY
+    fit = min(_VMEM_BUDGET // per_row, max(_MAX_TILE_ENTRIES // lanes, 1))
     if rows <= max(fit, _ROW_ALIGN) and rows * per_row <= _VMEM_BUDGET:
         return rows  # one block spanning every row: any row count is a legal block
     tile = fit // _ROW_ALIGN * _ROW_ALIGN

@@ -154,7 +154,9 @@ def dispatch(x, experts, weights, w_gate, w_up, w_down, *, matmul: str, platform
     if mesh is None or mesh.empty:
         return local_dispatch(x, experts, weights, w_gate, w_up, w_down, num_experts=num_experts,
                               matmul=matmul)
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    # Inside another shard_map (Distributed Lion's vote over `data`) its manual axes are
+    # already split: this one is manual over the others.
+    sizes = {a: n for a, n in zip(mesh.axis_names, mesh.axis_sizes) if a not in mesh.manual_axes}
     batch = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
     ep, tp = sizes.get(EXPERT_AXIS, 1), sizes.get(TENSOR_AXIS, 1)
     if num_experts % ep:
@@ -170,4 +172,4 @@ def dispatch(x, experts, weights, w_gate, w_up, w_down, *, matmul: str, platform
     return jax.shard_map(
         body, in_specs=(tok, tok, tok, P(e_axis, None, hidden), P(e_axis, None, hidden),
                         P(e_axis, hidden, None)),
-        out_specs=tok, check_vma=False)(x, experts, weights, w_gate, w_up, w_down)
+        out_specs=tok, axis_names=frozenset(sizes), check_vma=False)(x, experts, weights, w_gate, w_up, w_down)

@@ -150,3 +150,27 @@ def test_checkpoint_saved_with_one_expert_size_resumes_on_another(tmp_path):
     ref, got = train_losses(reference), train_losses(workdir)
     for step in (5, 6):
         np.testing.assert_allclose(got[step], ref[step], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    {"optimizer.shard_state_over_data": True, "optimizer.lion.mu_dtype": "int8",
+     "optimizer.lion.fused_apply": True, "grad_accum_steps": 2},
+    {"optimizer.lion.distributed": "majority"},
+], ids=["zero-int8-fused-accum", "distributed-lion"])
+def test_expert_parallelism_composes_with_the_optimizer_options(tmp_path, options):
+    """The tiny MoE LM trained 3 steps with the experts split 2 ways (data 4 x expert 2) logs
+    the losses of the same run with FSDP in place of expert parallelism (data 4 x fsdp 2: the
+    same 4 replicas for ZeRO's reduce-scatter and Distributed Lion's vote), with ZeRO, int8
+    momentum, the fused apply and gradient accumulation together, and with Distributed Lion."""
+    from _util import tiny_lm, train_losses
+
+    from train import trainer
+
+    moe_lm = {"model.num_experts": 4, "model.experts_per_token": 2, "model.expert_ffn_dim": 16,
+              "num_steps": 3, **options}
+    trainer.run(tiny_lm(**moe_lm, **{"mesh.fsdp": 2}), str(tmp_path / "dp"))
+    trainer.run(tiny_lm(**moe_lm, **{"mesh.expert": 2}), str(tmp_path / "ep"))
+    want, got = train_losses(tmp_path / "dp"), train_losses(tmp_path / "ep")
+    assert sorted(got) == [1, 2, 3]
+    for step in got:
+        np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-5)

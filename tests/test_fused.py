@@ -82,6 +82,18 @@ def test_row_tile_fits_vmem_and_int8_tiling():
     assert tile % 32 == 0 and tile * 768 * fused._BYTES_PER_ENTRY <= fused._VMEM_BUDGET
     assert fused.row_tile(4096, 8192) == 32
     assert fused.row_tile(4096, 128256) is None  # vocab-wide rows: the XLA route
+    # Narrow rows (a router's 8 experts) take whole 128-lane vregs in VMEM.
+    assert fused.row_tile(16384, 8) * 128 * fused._BYTES_PER_ENTRY <= fused._VMEM_BUDGET
+
+
+def test_tpu_kernel_compiles_for_narrow_rows():
+    """Mixtral's stacked routers, [32 x 4096, 8] over 8 chips: the kernel's tiles fit the TPU's
+    scoped VMEM (counting rows as 8 entries, a 16384-row tile needed 16x the budget and the
+    compile failed with CompileTimeScopedVmemOom)."""
+    chip = NamedSharding(jax.sharding.Mesh(_tpu_chips("v5e:2x2")[:1], ("x",)), P())
+    opt = lion_optax.fused_lion(1e-4, weight_decay=1.0)
+    params, state = _abstract(opt, (16384, 8), chip)
+    assert "tpu_custom_call" in _compiled_step(opt, params, state, True).as_text()
 
 
 MESH_CASES = {

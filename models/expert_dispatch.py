@@ -52,16 +52,18 @@ def resolve_matmul(matmul: str, platform: str) -> str:
     return matmul
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, matmul: str) -> jax.Array:
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, matmul: str,
+                   transpose_rhs: bool = False) -> jax.Array:
     """lhs [m, k] rows grouped in order by `group_sizes` [g] (summing to at most m; later rows
-    give zeros) times rhs [g, k, n] of their group: [m, n] in lhs's dtype."""
+    give zeros) times rhs [g, k, n] of their group (rhs [g, n, k] transposed when
+    `transpose_rhs`): [m, n] in lhs's dtype."""
     m, k = lhs.shape
-    n = rhs.shape[2]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     # One tiling serves the kernel's forward and both backward products, where k and n trade
     # places: a k and n tile of the same multiple of 128 (the TPU lane width) fits all three.
     tile = max((t for t in (512, 256, 128) if t <= min(k, n)), default=0)
     if matmul == "ragged_dot" or not tile:
-        return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+        return jax.lax.ragged_dot(lhs, jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs, group_sizes)
     from jax.experimental.pallas.ops.tpu.megablox import gmm  # only where it is used
 
     tm = min(512, -(-m // 128) * 128)
@@ -72,15 +74,16 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, matmu
     zero = jnp.zeros((), lhs.dtype)
     lhs_p = jnp.pad(jnp.where(valid, lhs, zero), ((0, padded - m), (0, 0)))
     out = gmm(lhs_p, rhs, group_sizes.astype(jnp.int32), lhs.dtype, (tm, tile, tile),
-              None, None, False, matmul == "megablox_interpret")
+              None, None, transpose_rhs, matmul == "megablox_interpret")
     return jnp.where(valid, out[:m], zero)
 
 
 def swiglu_experts(rows, group_sizes, w_gate, w_up, w_down, matmul: str):
-    """Each row through the SwiGLU expert of its group (rows sorted by group)."""
+    """Each row through the SwiGLU expert of its group (rows sorted by group); every weight
+    is [experts, d_model, ffn] (see models.moe on why the down projection is stored so)."""
     gate = grouped_matmul(rows, w_gate, group_sizes, matmul)
     up = grouped_matmul(rows, w_up, group_sizes, matmul)
-    return grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, matmul)
+    return grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, matmul, transpose_rhs=True)
 
 
 def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
@@ -112,7 +115,7 @@ def _inverse(perm):
 def local_dispatch(x, experts, weights, w_gate, w_up, w_down, *, num_experts: int, matmul: str,
                    ep: int = 1, emulate: bool = False, tensor: bool = False):
     """`dispatch` on one device's tokens x [T, d] (experts, weights [T, k]) and its experts'
-    weights (w_gate [num_experts / ep, d, f], ...): the body of the shard_map."""
+    weights (w_gate, w_up, w_down [num_experts / ep, d, f]): the body of the shard_map."""
     tokens, k = experts.shape
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # rows grouped by (global) expert
@@ -171,5 +174,5 @@ def dispatch(x, experts, weights, w_gate, w_up, w_down, *, matmul: str, platform
     tok = P(batch or None)
     return jax.shard_map(
         body, in_specs=(tok, tok, tok, P(e_axis, None, hidden), P(e_axis, None, hidden),
-                        P(e_axis, hidden, None)),
+                        P(e_axis, None, hidden)),
         out_specs=tok, axis_names=frozenset(sizes), check_vma=False)(x, experts, weights, w_gate, w_up, w_down)

@@ -68,11 +68,17 @@ class MoeMlp(nnx.Module):
             raise ValueError(f"experts_per_token={top_k} must be between 1 and num_experts={num_experts}")
         expert_dispatch.resolve_matmul(matmul, "tpu")  # a name it knows
         self.top_k, self.norm_topk_prob, self.matmul, self.dtype = top_k, norm_topk_prob, matmul, dtype
-        fan_in = lambda axis: nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=axis, out_axis=-1)  # noqa: E731
-        self.router = nnx.Param(_init(fan_in(0), "embed", None)(rngs.params(), (d_model, num_experts), param_dtype))
+        # fan-in scaling per expert (axis 0 is a batch axis, not part of the fan-in).
+        def fan_in(axis, out_axis=-1, batch=(0,)):
+            return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=axis,
+                                                     out_axis=out_axis, batch_axis=batch)
+        self.router = nnx.Param(_init(fan_in(0, batch=()), "embed", None)(rngs.params(), (d_model, num_experts), param_dtype))
         self.gate = nnx.Param(_init(fan_in(1), "experts", "expert_embed", "mlp")(rngs.params(), (num_experts, d_model, ffn_dim), param_dtype))
         self.up = nnx.Param(_init(fan_in(1), "experts", "expert_embed", "mlp")(rngs.params(), (num_experts, d_model, ffn_dim), param_dtype))
-        self.down = nnx.Param(_init(fan_in(1), "experts", "mlp", "expert_embed")(rngs.params(), (num_experts, ffn_dim, d_model), param_dtype))
+        # The down projection is stored [experts, d_model, ffn] too (and multiplied transposed):
+        # split over fsdp on d_model, a last dimension of d_model / fsdp (32 for Qwen3 on 64
+        # chips) would be padded to TPU's 128 lanes, 4x its bytes in every copy.
+        self.down = nnx.Param(_init(fan_in(2, out_axis=1), "experts", "expert_embed", "mlp")(rngs.params(), (num_experts, d_model, ffn_dim), param_dtype))
 
     def __call__(self, x: jax.Array):
         batch, seq, d = x.shape

@@ -46,7 +46,7 @@ def reference(p, x, top_k, norm):
         for e, we in zip(top, w):
             a = x[t] @ p["gate"][e]
             h = a / (1 + np.exp(-a)) * (x[t] @ p["up"][e])
-            out[t] += we * (h @ p["down"][e])
+            out[t] += we * (h @ p["down"][e].T)  # stored [experts, d_model, ffn]
     return out, logits, probs, np.array(chosen)
 
 
@@ -60,7 +60,7 @@ def dense_loss_f64(p, x, top_k, norm, probe):
         top_w = top_w / top_w.sum(-1, keepdims=True)
     mask = jnp.sum(jax.nn.one_hot(top_e, probs.shape[-1], dtype=x.dtype) * top_w[..., None], axis=1)  # [T, E]
     h = jax.nn.silu(jnp.einsum("td,edf->tef", x, p["gate"])) * jnp.einsum("td,edf->tef", x, p["up"])
-    out = jnp.einsum("te,tef,efd->td", mask, h, p["down"])
+    out = jnp.einsum("te,tef,edf->td", mask, h, p["down"])
     return jnp.sum(out * probe)
 
 
@@ -188,3 +188,13 @@ def test_moe_decoder_trains_scanned_or_unrolled_alike(tmp_path):
     # Near-uniform routing at the start: the loss is near its balanced value, top-k = 2.
     assert abs(last["load_balancing_loss"] / 2 - 1) < 0.25
     assert last["expert_load_max"] >= last["expert_load_mean"] == 16 * 32 * 2 / 4
+
+
+def test_expert_weights_are_initialised_per_expert():
+    """Each expert's matrices have the fan-in scale of a dense layer of their shape (the expert
+    axis is a batch axis: counting it in the fan-in would shrink them by sqrt(experts))."""
+    with partitioning.sharding_context(None):
+        layer = moe.MoeMlp(256, 512, 64, 2, rngs=nnx.Rngs(0))
+    for name, fan_in in (("gate", 256), ("up", 256), ("down", 512)):
+        std = float(np.std(np.asarray(getattr(layer, name)[...])))
+        assert abs(std * fan_in ** 0.5 - 1) < 0.05, (name, std * fan_in ** 0.5)

@@ -51,8 +51,16 @@ def demo_tasks(quick: bool) -> list[Task]:
     lm.num_steps, lm.batch_size, lm.eval_every, lm.log_every = LM_STEPS, 16, 25, 25
     lm.optimizer.warmup_steps = 30
 
+    # The MoE demo shortened the same way: 8 experts of width 192, top-2, so its active MLP
+    # width is the byte LM's 384 (issue 30: MoE against dense at equal active parameters).
+    moe = lm_configs.get_config("moe-demo")
+    moe.model.num_layers = 2
+    moe.num_steps, moe.batch_size, moe.eval_every, moe.log_every = LM_STEPS, 16, 25, 25
+    moe.optimizer.warmup_steps = 30
+
     tasks = [Task("ViT digits", vit, ("adamw", "lion")),
-             Task("byte LM", lm, ("adamw", "adafactor", "lion"))]
+             Task("byte LM", lm, ("adamw", "adafactor", "lion")),
+             Task("MoE byte LM", moe, ("adamw", "lion"))]
     for t in tasks:
         t.config.sample_steps = 0
         t.config.checkpoint_every = 0  # only the final (forced) save
@@ -63,7 +71,7 @@ def demo_tasks(quick: bool) -> list[Task]:
 
 
 def demo_task(name: str, quick: bool):
-    """The config of the demo task called `name` ("ViT digits" or "byte LM")."""
+    """The config of the demo task called `name` ("ViT digits", "byte LM" or "MoE byte LM")."""
     return next(t.config for t in demo_tasks(quick) if t.name == name)
 
 

@@ -1,9 +1,11 @@
 """Lion vs AdamW (and Adafactor on the LM) on the two CPU demos, with a small lr sweep.
 
-    python benchmarks/compare_optimizers.py [--quick] [--out benchmarks/results]
+    python benchmarks/compare_optimizers.py [--quick] [--tasks "MoE byte LM"] [--out benchmarks/results]
 
 Tasks: `configs/vit.py:demo` (ViT on sklearn digits) shortened to `common.VIT_STEPS`, and a reduced
-`configs/lm.py:demo` (byte LM on the Python stdlib source: 2 layers, batch 16, `common.LM_STEPS`).
+`configs/lm.py:demo` (byte LM on the Python stdlib source: 2 layers, batch 16, `common.LM_STEPS`),
+and `configs/lm.py:moe-demo` reduced the same way (8 experts, top-2: the byte LM's active
+MLP width). `--tasks` runs only the named ones.
 Every run uses the trainer itself (`train.trainer.run`), so schedule, clipping, masking and
 data order are exactly those of `python -m train`.
 
@@ -213,30 +215,39 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, no sweep, 40 steps")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: all)")
     args = parser.parse_args()
+    tasks = [t for t in make_tasks(args.quick) if args.tasks is None or t.name in args.tasks]
+    if not tasks:
+        print(f"error: no task named {args.tasks}; tasks are {[t.name for t in make_tasks(True)]}", file=sys.stderr)
+        return 2
 
     t0 = time.perf_counter()
     all_results = {}
     with tempfile.TemporaryDirectory() as root:
-        for task in make_tasks(args.quick):
+        for task in tasks:
             print(f"{task.name}: {task.config.num_steps} steps", flush=True)
             all_results[task.name] = benchmark(task, args.quick, root)
     wall = time.perf_counter() - t0
 
     os.makedirs(args.out, exist_ok=True)
-    plot(all_results, os.path.join(args.out, "compare_optimizers.png"))
+    # A subset of the tasks writes its own files (compare_optimizers_moe_byte_lm.md, ...).
+    stem = "compare_optimizers" + ("".join("_" + t.lower().replace(" ", "_") for t in args.tasks) if args.tasks else "")
+    plot(all_results, os.path.join(args.out, f"{stem}.png"))
     md = table(all_results)
     command = "python benchmarks/compare_optimizers.py" + (" --quick" if args.quick else "")
+    if args.tasks:
+        command += " --tasks " + " ".join(f'"{t}"' for t in args.tasks)
     chosen = {task: {opt: dict(zip(("learning_rate", "weight_decay", "b1", "b2"), r["hp"]))
                      for opt, r in results.items() if "error" not in r}
               for task, results in all_results.items()}
     if not args.quick:  # benchmarks/lion_variants.py runs Lion at these settings
-        with open(os.path.join(args.out, "compare_optimizers.json"), "w") as f:
+        with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
             json.dump(chosen, f, indent=1)
-    with open(os.path.join(args.out, "compare_optimizers.md"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(f"`{command}`: {wall / 60:.1f} min wall time on {os.cpu_count()} CPU core(s).\n\n{md}\n")
     print(md)
-    print(f"wall time {wall:.0f} s; wrote {args.out}/compare_optimizers.{{md,png}}")
+    print(f"wall time {wall:.0f} s; wrote {args.out}/{stem}.{{md,png}}")
     return 0
 
 

@@ -21,17 +21,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import lm as lm_configs
-from train import aot, setup
-
-
-def forward_flops(**model) -> float:
-    config = lm_configs.get_config("moe-demo")
-    config.batch_size, config.data.seq_len = 8, 256
-    config.model.update(dict(scan_layers=False, expert_matmul="ragged_dot", **model))
-    built = setup.build(config, aot.topology_devices("v5e:1x1")[0])
-    with built.context():
-        lowered = built.eval_step.lower(built.abstract_state.params, built.abstract_batch())
-    return lowered.compile().cost_analysis()["flops"]
+from train import aot
+from train.analysis import moe_flops
 
 
 def ragged_dot_flops(m: int, k: int, n: int, groups: int) -> dict[str, float]:
@@ -49,11 +40,9 @@ def ragged_dot_flops(m: int, k: int, n: int, groups: int) -> dict[str, float]:
 
 def main():
     cfg = lm_configs.get_config("moe-demo").model
-    tokens, d = 8 * 256, cfg.d_model
-    active = 2 * tokens * cfg.num_layers * 3 * d * cfg.experts_per_token * cfg.expert_ffn_dim
-    moe, dense = forward_flops(), forward_flops(num_experts=0)
     print(f"moe-demo forward, {cfg.num_experts} experts top-{cfg.experts_per_token}: MoE layers / active "
-          f"experts = {(moe - dense + active) / active:.4f} (dense dispatch: {cfg.num_experts / cfg.experts_per_token:.0f})")
+          f"experts = {moe_flops.moe_layers_over_active():.4f} (dense dispatch: {cfg.num_experts / cfg.experts_per_token:.0f})")
+    tokens, d = moe_flops.BATCH * moe_flops.SEQ, cfg.d_model
     rows = tokens * cfg.experts_per_token
     for name, ratio in ragged_dot_flops(rows, d, cfg.expert_ffn_dim, cfg.num_experts).items():
         print(f"ragged_dot [{rows}, {d}] x [{cfg.num_experts}, {d}, {cfg.expert_ffn_dim}] {name}: {ratio:.3f} x 2mkn")

@@ -66,7 +66,8 @@ class MoeMlp(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"experts_per_token={top_k} must be between 1 and num_experts={num_experts}")
-        expert_dispatch.resolve_matmul(matmul, "tpu")  # a name it knows
+        if matmul not in expert_dispatch.MATMULS:
+            raise ValueError(f"expert_matmul must be one of {expert_dispatch.MATMULS}, got {matmul!r}")
         self.top_k, self.norm_topk_prob, self.matmul, self.dtype = top_k, norm_topk_prob, matmul, dtype
         # fan-in scaling per expert (axis 0 is a batch axis, not part of the fan-in).
         def fan_in(axis, out_axis=-1, batch=(0,)):

@@ -147,16 +147,6 @@ def test_tpu_moe_step_runs_megablox_and_the_ragged_all_to_all():
     assert not re.search(r"\[(512,8|8,512),\d+\]", hlo)
 
 
-def _forward_flops(**model):
-    config = lm_configs.get_config("moe-demo")
-    config.batch_size, config.data.seq_len = 8, 256
-    config.model.update(dict(scan_layers=False, expert_matmul="ragged_dot", **model))
-    built = setup.build(config, aot.topology_devices("v5e:1x1")[0])
-    with built.context():
-        lowered = built.eval_step.lower(built.abstract_state.params, built.abstract_batch())
-    return lowered.compile().cost_analysis()["flops"]
-
-
 def test_moe_layers_spend_only_the_active_experts_flops():
     """XLA's count for the model's forward pass (layers unrolled, the XLA ragged_dot path, whose
     TPU cost model counts the rows it multiplies): the mixture of experts (8 experts of width
@@ -166,10 +156,7 @@ def test_moe_layers_spend_only_the_active_experts_flops():
     lowers ragged_dot's weight gradient as a masked dense product, experts x the active
     FLOPs, which is why the TPU step uses megablox's tgmm kernel, and XLA counts no FLOPs
     inside kernels; docs/moe.md.)"""
-    moe_flops = _forward_flops()
-    dense_flops = _forward_flops(num_experts=0)
-    config = lm_configs.get_config("moe-demo").model
-    tokens, d, layers = 8 * 256, config.d_model, config.num_layers
-    active_mlp = 2 * tokens * layers * 3 * d * config.experts_per_token * config.expert_ffn_dim
-    moe_layers = moe_flops - dense_flops + active_mlp
-    assert moe_layers / active_mlp < 1.15, moe_layers / active_mlp
+    from train.analysis import moe_flops
+
+    ratio = moe_flops.moe_layers_over_active()
+    assert ratio < 1.15, ratio

@@ -77,6 +77,11 @@ class Run:
         with self.context():
             return self.train_step.lower(self.abstract_state, self.abstract_batch())
 
+    def lower_eval_step(self):
+        """The eval step (the forward pass) lowered for the abstract parameters and batch."""
+        with self.context():
+            return self.eval_step.lower(self.abstract_state.params, self.abstract_batch())
+
 
 def sharding_rules(config) -> tuple:
     """`config.sharding_rules` as tuples, or the default logical-axis rules."""

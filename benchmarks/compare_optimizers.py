@@ -1,6 +1,7 @@
 """Lion vs AdamW (and Adafactor on the LM) on the two CPU demos, with a small lr sweep.
 
     python benchmarks/compare_optimizers.py [--quick] [--tasks "MoE byte LM"] [--out benchmarks/results]
+        [--cache DIR]
 
 Tasks: `configs/vit.py:demo` (ViT on sklearn digits) shortened to `common.VIT_STEPS`, and a reduced
 `configs/lm.py:demo` (byte LM on the Python stdlib source: 2 layers, batch 16, `common.LM_STEPS`),
@@ -23,11 +24,14 @@ Outputs in --out: `compare_optimizers.png` (eval loss and accuracy vs step: seed
 a min-max band) and `compare_optimizers.md` (best lr/wd, final eval metrics as mean ± std
 over 3 seeds, and the first eval step at which the seed-mean curve reaches AdamW's final
 mean). `--quick`: 1 seed, no sweep, few steps; a smoke test of the whole pipeline.
+`--cache DIR` keeps every finished run's metrics in DIR, keyed by a hash of its whole config,
+so an interrupted sweep rerun with the same DIR redoes only the runs it had not finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -65,8 +69,12 @@ def base_hparams(config, optimizer: str) -> HParams:
     return (lr, wd, None, None)
 
 
+CACHE: str | None = None  # --cache
+
+
 def train_once(config, optimizer: str, hp: HParams, seed: int, root: str) -> dict:
-    """One training run; returns {metric: (steps, values)} read back from metrics.jsonl."""
+    """One training run; returns {metric: (steps, values)} read back from metrics.jsonl
+    (or from `CACHE` when a run of the same config finished there)."""
     lr, wd, b1, b2 = hp
     c = config.copy_and_resolve_references()
     c.seed = seed
@@ -75,7 +83,20 @@ def train_once(config, optimizer: str, hp: HParams, seed: int, root: str) -> dic
     if b1 is not None:
         c.optimizer[optimizer].b1, c.optimizer[optimizer].b2 = b1, b2
     t0 = time.perf_counter()
-    _, rows = common.train_and_read(c, root)
+    cached = None
+    if CACHE:
+        key = hashlib.sha256(c.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:20]
+        cached = os.path.join(CACHE, f"{optimizer}-{key}.json")
+    if cached and os.path.exists(cached):
+        with open(cached) as f:
+            rows = json.load(f)
+    else:
+        _, rows = common.train_and_read(c, root)
+        if cached:
+            os.makedirs(CACHE, exist_ok=True)
+            with open(cached + ".tmp", "w") as f:
+                json.dump(rows, f)
+            os.replace(cached + ".tmp", cached)
     curves = {m: (np.array([r["step"] for r in rows if m in r]),
                   np.array([r[m] for r in rows if m in r])) for m in METRICS}
     print(f"  {optimizer:9s} {describe(hp)} seed={seed}: eval_loss "
@@ -216,7 +237,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, no sweep, 40 steps")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: all)")
+    parser.add_argument("--cache", default=None, help="keep finished runs here; a rerun reuses them")
     args = parser.parse_args()
+    global CACHE
+    CACHE = args.cache
     tasks = [t for t in make_tasks(args.quick) if args.tasks is None or t.name in args.tasks]
     if not tasks:
         print(f"error: no task named {args.tasks}; tasks are {[t.name for t in make_tasks(True)]}", file=sys.stderr)

@@ -103,21 +103,45 @@ def test_emulated_ragged_all_to_all_follows_the_documented_semantics():
     np.testing.assert_array_equal(np.asarray(got), np.stack(want))
 
 
-def test_megablox_kernel_equals_ragged_dot():
+@pytest.mark.parametrize("transpose_rhs", [False, True], ids=["rhs", "rhs-transposed"])
+def test_megablox_kernel_equals_ragged_dot(transpose_rhs):
     rng = np.random.default_rng(1)
     lhs = jnp.asarray(rng.normal(size=(200, 384)), jnp.float32)
     rhs = jnp.asarray(rng.normal(size=(5, 384, 256)), jnp.float32)  # tiles of 256, k = 1.5 tiles
     sizes = jnp.asarray([30, 0, 71, 50, 19], jnp.int32)  # 170 of 200 rows: the rest give zeros
     want = jax.lax.ragged_dot(lhs, rhs, sizes)
-    got = expert_dispatch.grouped_matmul(lhs, rhs, sizes, "megablox_interpret")
+    if transpose_rhs:  # the weight stored [groups, n, k], as the down projection is
+        rhs = jnp.swapaxes(rhs, 1, 2)
+    got = expert_dispatch.grouped_matmul(lhs, rhs, sizes, "megablox_interpret", transpose_rhs)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-4)
     assert not np.asarray(got[170:]).any()
     probe = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
-    grad = functools.partial(jax.grad(lambda a, b, m: jnp.sum(probe * expert_dispatch.grouped_matmul(a, b, sizes, m)),
-                                      argnums=(0, 1)), lhs, rhs)
+    grad = functools.partial(jax.grad(lambda a, b, m: jnp.sum(
+        probe * expert_dispatch.grouped_matmul(a, b, sizes, m, transpose_rhs)), argnums=(0, 1)), lhs, rhs)
     for a, b in zip(grad("megablox_interpret"), grad("ragged_dot")):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-4)
         assert np.abs(np.asarray(a)).max() > 1  # not vacuous
+
+
+def test_megablox_weight_gradient_comes_out_in_the_weights_layout():
+    """With the weight stored transposed, tgmm writes its gradient as [groups, n, k]: no
+    transpose follows it (compiled for TPU, a transpose there let XLA keep the stacked
+    layers' float32 gradient with the fsdp-split d_model as its 128-lane-padded last
+    dimension: 4x its bytes)."""
+    lhs = jnp.zeros((256, 384), jnp.float32)
+    rhs = jnp.zeros((4, 256, 384), jnp.float32)  # [groups, n, k]
+    sizes = jnp.asarray([64, 64, 64, 64], jnp.int32)
+    grad = jax.grad(lambda w: jnp.sum(expert_dispatch.grouped_matmul(lhs, w, sizes, "megablox_interpret", True)))
+    eqns = jax.make_jaxpr(grad)(rhs).eqns
+
+    def transposes(eqns):
+        for e in eqns:
+            if e.primitive.name == "transpose" and e.outvars[0].aval.shape == rhs.shape:
+                yield e
+            for sub in jax.core.jaxprs_in_params(e.params):
+                yield from transposes(sub.eqns)
+
+    assert not list(transposes(eqns))
 
 
 def test_layer_with_the_megablox_kernel_equals_ragged_dot():

@@ -147,6 +147,16 @@ def test_tpu_moe_step_runs_megablox_and_the_ragged_all_to_all():
     assert not re.search(r"\[(512,8|8,512),\d+\]", hlo)
 
 
+def test_expert_parallelism_compiles_on_v5e_slices_without_the_ragged_all_to_all():
+    """libtpu cannot compile a ragged all-to-all on v5e slices of more than 16 chips ("limited
+    ICI routing"): there the tokens travel by the padded all_to_all, and the step compiles."""
+    config = lm_configs.get_config("moe-demo")
+    config.batch_size, config.data.seq_len, config.mesh.expert = 32, 128, 2
+    built = setup.build(config, aot.topology_devices("v5e:4x8")[0])
+    hlo = built.lower_train_step().compile().as_text()
+    assert "ragged-all-to-all" not in hlo and "all-to-all" in hlo
+
+
 def test_moe_layers_spend_only_the_active_experts_flops():
     """XLA's count for the model's forward pass (layers unrolled, the XLA ragged_dot path, whose
     TPU cost model counts the rows it multiplies): the mixture of experts (8 experts of width

@@ -1,6 +1,6 @@
 """Scaled dot-product attention with a choice of kernel, shared by the decoder and the ViT.
 
-`attend(q, k, v, implementation=..., causal=..., segment_ids=...)` takes queries
+`attend(q, k, v, implementation=..., causal=..., segment_ids=..., window=...)` takes queries
 [batch, seq, heads, head_dim] and keys/values [batch, seq, kv_heads, head_dim] (grouped
 query attention when kv_heads < heads; queries already scaled) and returns the context
 [batch, seq, heads, head_dim] in the compute dtype. Implementations:
@@ -19,6 +19,11 @@ query attention when kv_heads < heads; queries already scaled) and returns the c
   active mesh (so an AOT compile for a TPU topology on a CPU host picks splash).
 - `splash_interpret`, `flash_interpret`: the Pallas kernels in interpret mode on any
   backend (tests).
+
+`window` (with `causal`): each query attends to its own position and the `window - 1`
+before it (Mistral's sliding window): a band in the XLA mask, splash's `LocalMask` (whose
+block sparsity skips key blocks outside the band), cuDNN's `local_window_size`; `flash` has
+none and refuses a window shorter than the sequence.
 
 Under a mesh, the Pallas kernels run per shard inside `jax.shard_map` over the batch
 and head axes that the logical rules give the activations (`act_batch`, `act_heads`).
@@ -72,24 +77,33 @@ def resolve(implementation: str, backend: str | None = None) -> str:
 
 def attend(q, k, v, *, implementation: str = "xla", causal: bool = False, segment_ids=None,
            logit_softcap: float | None = None, recompute: bool = False,
-           recompute_chunk_tokens: int = RECOMPUTE_CHUNK_TOKENS):
+           recompute_chunk_tokens: int = RECOMPUTE_CHUNK_TOKENS, window: int | None = None):
     """Attention of pre-scaled `q` over `k`, `v` (see the module docstring).
 
     `segment_ids` [batch, seq] int: tokens attend only within their own segment.
+    `window`: a sliding window of that many positions (needs `causal`).
     `recompute`: a Pallas kernel keeps only its inputs for the backward and recomputes
     its forward there (its padded, transposed inputs, output and statistics are otherwise
     residuals); for steps that do not rematerialize the whole layer. It then runs over
     groups of whole sequences of about `recompute_chunk_tokens` tokens, one at a time.
     """
     impl = resolve(implementation)
+    if window is not None and not causal:
+        raise ValueError("a sliding window needs causal attention")
+    if window is not None and window >= k.shape[1]:
+        window = None  # the band covers every earlier position: plain causal attention
+    if impl.startswith("flash") and window is not None:
+        raise UnavailableAttention(f"attention={impl!r} has no sliding window (window {window} < sequence "
+                                   f"{k.shape[1]}); use 'splash' or 'xla'")
     if impl == "cudnn" and implementation == "auto" and (q.dtype not in _CUDNN_DTYPES or logit_softcap is not None):
         impl = "xla"  # cuDNN's fused attention takes bf16/fp16 only and has no logit soft-cap
     if impl == "xla":
-        return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids, logit_softcap=logit_softcap)
+        return xla_attention(q, k, v, causal=causal, segment_ids=segment_ids, logit_softcap=logit_softcap,
+                             window=window)
     if impl == "cudnn":
-        return _cudnn(q, k, v, causal=causal, segment_ids=segment_ids, logit_softcap=logit_softcap)
+        return _cudnn(q, k, v, causal=causal, segment_ids=segment_ids, logit_softcap=logit_softcap, window=window)
     kernel = functools.partial(_pallas, kind=impl.split("_")[0], interpret=impl.endswith("interpret"),
-                               causal=causal, logit_softcap=logit_softcap)
+                               causal=causal, logit_softcap=logit_softcap, window=window)
     if not recompute:
         return _per_shard(kernel, q, k, v, segment_ids)
     kernel = _in_batch_chunks(kernel, recompute_chunk_tokens)
@@ -122,9 +136,11 @@ def _in_batch_chunks(kernel, tokens: int):
     return chunked
 
 
-def xla_attention(q, k, v, *, causal=False, segment_ids=None, logit_softcap=None, query_offset=0):
+def xla_attention(q, k, v, *, causal=False, segment_ids=None, logit_softcap=None, query_offset=0,
+                  window=None):
     """The reference path: float32 scores and softmax over every key. With
-    `query_offset`, query t sits at key slot offset + t (a KV cache)."""
+    `query_offset`, query t sits at key slot offset + t (a KV cache); with `window`
+    (and `causal`), it sees key slots offset + t - window + 1 ... offset + t."""
     batch, seq, heads, head_dim = q.shape
     kv_heads, kv_len = k.shape[2], k.shape[1]
     groups = heads // kv_heads
@@ -136,6 +152,8 @@ def xla_attention(q, k, v, *, causal=False, segment_ids=None, logit_softcap=None
     if causal:
         query_slots = query_offset + jnp.arange(seq)
         mask = mask & (jnp.arange(kv_len)[None, :] <= query_slots[:, None])
+        if window is not None:
+            mask = mask & (jnp.arange(kv_len)[None, :] > query_slots[:, None] - window)
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, None, :, None] == segment_ids[:, None, None, None, :])
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -147,7 +165,7 @@ def xla_attention(q, k, v, *, causal=False, segment_ids=None, logit_softcap=None
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def _cudnn(q, k, v, *, causal, segment_ids, logit_softcap):
+def _cudnn(q, k, v, *, causal, segment_ids, logit_softcap, window=None):
     if q.dtype not in _CUDNN_DTYPES:
         raise UnavailableAttention(f"attention='cudnn' needs bf16 or fp16 inputs, got {q.dtype}; use 'auto' or 'xla'")
     if logit_softcap is not None:
@@ -156,6 +174,7 @@ def _cudnn(q, k, v, *, causal, segment_ids, logit_softcap):
     if segment_ids is not None:
         mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, is_causal=causal,
+                                        local_window_size=None if window is None else (window - 1, 0),
                                         implementation="cudnn")
 
 
@@ -179,7 +198,7 @@ def _per_shard(kernel, q, k, v, segment_ids):
                          axis_names=set(free), check_vma=False)(q, k, v, segment_ids)
 
 
-def _pallas(q, k, v, segment_ids, *, kind, interpret, causal, logit_softcap):
+def _pallas(q, k, v, segment_ids, *, kind, interpret, causal, logit_softcap, window=None):
     """One shard of splash / flash attention; pads the sequence to the kernel's block and
     masks the padding with segment ids."""
     batch, seq, heads, _ = q.shape
@@ -195,31 +214,34 @@ def _pallas(q, k, v, segment_ids, *, kind, interpret, causal, logit_softcap):
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     if kind == "splash":
         out = _splash(q, k, v, segment_ids, block=block, interpret=interpret, causal=causal,
-                      logit_softcap=logit_softcap)
+                      logit_softcap=logit_softcap, window=window)
     else:
         out = _flash(q, k, v, segment_ids, block=block, interpret=interpret, causal=causal,
                      logit_softcap=logit_softcap)
     return jnp.swapaxes(out, 1, 2)[:, :seq]
 
 
-def _splash(q, k, v, segment_ids, *, block, interpret, causal, logit_softcap):
+def _splash(q, k, v, segment_ids, *, block, interpret, causal, logit_softcap, window=None):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 
-    kernel = _splash_kernel(q.shape[1], q.shape[2], causal, block, logit_softcap, interpret)
+    kernel = _splash_kernel(q.shape[1], q.shape[2], causal, block, logit_softcap, interpret, window)
     if segment_ids is None:
         return jax.vmap(kernel)(q, k, v)
     return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(
         q, k, v, segment_ids)
 
 
-def _splash_kernel(heads, seq, causal, block, logit_softcap, interpret):
+def _splash_kernel(heads, seq, causal, block, logit_softcap, interpret, window=None):
     """The splash kernel for one shape, made in the trace that calls it: a kernel kept
     across traces (the eval step after the train step) would hold the first trace's
     arrays. The NumPy preprocessing of its mask is cached by jax (`_process_mask`)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-    one = masks.CausalMask((seq, seq)) if causal else masks.FullMask((seq, seq))
+    if window is not None:  # causal within the band: keys i - window + 1 ... i
+        one = masks.LocalMask((seq, seq), window_size=(window - 1, 0), offset=0)
+    else:
+        one = masks.CausalMask((seq, seq)) if causal else masks.FullMask((seq, seq))
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)

@@ -131,15 +131,18 @@ class Attention(nnx.Module):
 
         if cache is None:
             context = attention_lib.attend(q, k, v, implementation=cfg.attention, causal=True,
-                                           segment_ids=segment_ids, logit_softcap=cfg.attn_logit_softcap)
+                                           segment_ids=segment_ids, logit_softcap=cfg.attn_logit_softcap,
+                                           window=cfg.sliding_window)
         else:
             slot = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), slot)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), slot)
             cache = {"k": k, "v": v}
-            # Causal over cache slots: query at slot cache_index+t sees slots <= its own.
+            # Causal over cache slots: query at slot cache_index+t sees slots <= its own
+            # (and, with a sliding window, the window's slots before it).
             context = attention_lib.xla_attention(q, k, v, causal=True, query_offset=cache_index,
-                                                  logit_softcap=cfg.attn_logit_softcap)
+                                                  logit_softcap=cfg.attn_logit_softcap,
+                                                  window=cfg.sliding_window)
         context = constrain(context, ("act_batch", "act_length", "act_heads", None))
         out = jnp.einsum("bthq,hqd->btd", context, self.out[...].astype(dt))
         return layer_stack.name(out, "out_proj"), cache
@@ -331,6 +334,13 @@ def matmul_params(cfg: DecoderConfig) -> int:
 def train_flops_per_token(cfg: DecoderConfig, seq_len: int, causal: bool = True) -> float:
     """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM, appendix B), the attention term
     halved by default since a causal token attends to half the sequence on average (as
-    MaxText counts it); `causal=False` counts the full score matrix, as XLA computes it."""
+    MaxText counts it); `causal=False` counts the full score matrix, as XLA computes it.
+    With a sliding window W < seq_len a causal token attends to W - (W - 1) W / (2 T) keys
+    on average (W each, less the first W - 1 positions' shortfall)."""
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-    return float(6 * matmul_params(cfg) + (attention / 2 if causal else attention))
+    if not causal:
+        return float(6 * matmul_params(cfg) + attention)
+    w = cfg.sliding_window
+    if w is not None and w < seq_len:
+        return float(6 * matmul_params(cfg) + attention * (w - (w - 1) * w / (2 * seq_len)) / seq_len)
+    return float(6 * matmul_params(cfg) + attention / 2)

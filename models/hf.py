@@ -89,14 +89,9 @@ def decoder_config(hf: dict, **overrides: Any) -> decoder.DecoderConfig:
     heads = int(hf["num_attention_heads"])
     theta, scaling = _rope(hf)
     max_len = int(hf.get("max_position_embeddings", 2048))
-    window = hf.get("sliding_window")
-    if window:  # Mistral: attention beyond the window is not modelled, so no context beyond it
-        max_len = min(max_len, int(window))
-        if (overrides.get("max_seq_len") or 0) > int(window):
-            raise HFCheckpointError(
-                f"max_seq_len {overrides['max_seq_len']} exceeds the checkpoint's sliding_window {window}: "
-                "attention beyond the window would not be the model's (sliding windows are not "
-                "supported yet); use max_seq_len <= the window")
+    # Mistral's sliding window (every layer); transformers' MistralConfig takes a missing
+    # key as 4096, so only an explicit null means none.
+    window = hf.get("sliding_window", 4096 if hf.get("model_type") == "mistral" else None)
     fields = dict(
         vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
         num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
@@ -104,6 +99,7 @@ def decoder_config(hf: dict, **overrides: Any) -> decoder.DecoderConfig:
         ffn_dim=int(hf["intermediate_size"]),
         head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
         max_seq_len=max_len, rope_theta=theta, rope_scaling=scaling,
+        sliding_window=int(window) if window else None,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
     return decoder.DecoderConfig(**{**fields, **overrides})
@@ -350,10 +346,12 @@ def hf_config(cfg: decoder.DecoderConfig, dtype: str = "bfloat16", base: dict | 
                                 "written as Hugging Face checkpoints yet")
     out = {k: v for k, v in (base or {}).items()
            if k not in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype")}
-    # A Mistral checkpoint's sliding window goes back out with it (the model was trained within
-    # the window: decoder_config caps max_seq_len there); anything else is written as a Llama.
-    window = out.get("sliding_window") if out.get("model_type") == "mistral" else None
-    family = ("MistralForCausalLM", "mistral") if window else ("LlamaForCausalLM", "llama")
+    # A sliding window is written as a Mistral (with the window), as is a Mistral checkpoint
+    # without one (its window an explicit null: MistralConfig reads a missing one as 4096);
+    # anything else as a Llama.
+    window = cfg.sliding_window
+    mistral = window is not None or out.get("model_type") == "mistral"
+    family = ("MistralForCausalLM", "mistral") if mistral else ("LlamaForCausalLM", "llama")
     out.update(
         architectures=[family[0]], model_type=family[1], hidden_act="silu",
         attention_bias=False, mlp_bias=False, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
@@ -362,7 +360,9 @@ def hf_config(cfg: decoder.DecoderConfig, dtype: str = "bfloat16", base: dict | 
         head_dim=cfg.head_dim, max_position_embeddings=int(out.get("max_position_embeddings", cfg.max_seq_len)),
         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
         torch_dtype=dtype)
-    if not window:
+    if mistral:
+        out["sliding_window"] = window
+    else:
         out.pop("sliding_window", None)
     s = cfg.rope_scaling
     if s is not None:

@@ -57,6 +57,9 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     attn_logit_softcap: float | None = None
     qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    # Sliding-window attention (Mistral): each position attends to itself and the
+    # sliding_window - 1 positions before it; None: every earlier position.
+    sliding_window: int | None = None
     # Mixture of experts (models.moe): num_experts > 0 puts one in every layer's MLP, each
     # token through `experts_per_token` SwiGLU experts of width `expert_ffn_dim` (None:
     # ffn_dim); `norm_topk_prob` renormalises the top-k routing weights (Mixtral always does).
@@ -80,6 +83,8 @@ class DecoderConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 (or None: no window)")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.num_experts < 0 or (self.num_experts and not 1 <= self.experts_per_token <= self.num_experts):

@@ -24,8 +24,9 @@ from _util import REPO, cli_flags
 KERNELS = ["splash_interpret", "flash_interpret"]
 
 
-def reference_attention(q, k, v, causal, segment_ids):
-    """float64 attention, one (batch, head) at a time, GQA by head // group."""
+def reference_attention(q, k, v, causal, segment_ids, window=None):
+    """float64 attention, one (batch, head) at a time, GQA by head // group; `window`: key j
+    allowed for query i only when i - window < j (a sliding window)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     batch, seq, heads, _ = q.shape
     groups = heads // k.shape[2]
@@ -36,6 +37,8 @@ def reference_attention(q, k, v, causal, segment_ids):
             allowed = np.ones((seq, seq), bool)
             if causal:
                 allowed &= np.tril(np.ones((seq, seq), bool))
+            if window is not None:
+                allowed &= np.arange(seq)[None, :] > np.arange(seq)[:, None] - window
             if segment_ids is not None:
                 s = np.asarray(segment_ids[b])
                 allowed &= s[:, None] == s[None, :]
@@ -75,6 +78,30 @@ def test_kernel_matches_reference_forward_and_gradients(kernel, causal, segmente
     expected = jax.grad(lambda *a: jnp.sum(run("xla")(*a) * probe), argnums=(0, 1, 2))(q, k, v)
     for g, e in zip(grads, expected):
         np.testing.assert_allclose(g, e, atol=2e-4 * float(jnp.abs(e).max()), rtol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", ["xla", "splash_interpret"])
+def test_sliding_window_matches_reference_forward_and_gradients(kernel):
+    """A window of 100 over 600 positions (two 512-blocks of splash, so a whole key block
+    falls outside the band), with packed documents: forward against the float64 reference,
+    gradients against the XLA path; a window as long as the sequence is plain causal
+    attention, and the flash kernel, which has no window, refuses one."""
+    q, k, v = qkv(seq=600, heads=2, kv_heads=1, head_dim=16, batch=1)
+    seg = jnp.asarray(np.where(np.arange(600) < 333, 1, 2)[None], jnp.int32)
+    run = lambda impl, w: lambda q, k, v: attention.attend(  # noqa: E731
+        q, k, v, implementation=impl, causal=True, segment_ids=seg, window=w)
+    out = run(kernel, 100)(q, k, v)
+    np.testing.assert_allclose(out, reference_attention(q, k, v, True, seg, window=100), atol=2e-5, rtol=2e-5)
+    assert np.abs(np.asarray(out) - reference_attention(q, k, v, True, seg))[:, 100:333].max() > 1e-2
+    np.testing.assert_array_equal(run(kernel, 600)(q, k, v), run(kernel, None)(q, k, v))
+    if kernel != "xla":
+        probe = jax.random.normal(jax.random.PRNGKey(9), out.shape)
+        grads = jax.grad(lambda *a: jnp.sum(run(kernel, 100)(*a) * probe), argnums=(0, 1, 2))(q, k, v)
+        expected = jax.grad(lambda *a: jnp.sum(run("xla", 100)(*a) * probe), argnums=(0, 1, 2))(q, k, v)
+        for g, e in zip(grads, expected):
+            np.testing.assert_allclose(g, e, atol=2e-4 * float(jnp.abs(e).max()), rtol=1e-3)
+    with pytest.raises(attention.UnavailableAttention, match="has no sliding window"):
+        run("flash_interpret", 100)(q, k, v)
 
 
 def test_recompute_over_batch_chunks_matches_reference():

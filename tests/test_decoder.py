@@ -198,9 +198,11 @@ def greedy_by_recompute(model, prompt, steps):
     return tokens
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_generate_with_cache_matches_full_recompute(scan_layers):
-    model = build(decoder_config("tiny", scan_layers=scan_layers))
+@pytest.mark.parametrize("scan_layers,window", [(True, None), (False, None), (True, 4)])
+def test_generate_with_cache_matches_full_recompute(scan_layers, window):
+    """Also with a sliding window of 4 (shorter than the 11 tokens): the cached decode masks
+    the same keys as the full forward."""
+    model = build(decoder_config("tiny", scan_layers=scan_layers, sliding_window=window))
     prompt = random_tokens(7, (2, 5))
     with partitioning.sharding_context(None):
         cached = generate(model, prompt, steps=6, temperature=0.0, rng=None)
@@ -257,6 +259,14 @@ def test_train_flops_per_token_matches_xla_cost_analysis():
     measured = cost["flops"] / (batch * seq)
     predicted = train_flops_per_token(cfg, seq, causal=False)  # XLA computes every score
     assert abs(measured / predicted - 1) < 0.10, (measured, predicted)
+
+
+def test_train_flops_with_a_sliding_window_count_the_keys_in_the_band():
+    cfg, seq, window = decoder_config("tiny", sliding_window=16), 64, 16
+    keys = np.minimum(np.arange(seq) + 1, window).sum() / seq  # per query, counted from the mask
+    base = train_flops_per_token(decoder_config("tiny"), seq, causal=False)
+    score = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim  # per key attended
+    assert train_flops_per_token(cfg, seq) == pytest.approx(base - score * seq + score * keys)
 
 
 @pytest.mark.parametrize("attention", ["xla", "splash_interpret"])

@@ -28,6 +28,8 @@ CASES = {
     "llama3_rope_scaling": (transformers.LlamaConfig, dict(vocab_size=384, num_key_value_heads=1, rope_theta=500_000.0,
                                                            rope_scaling=LLAMA3_ROPE)),
     "mistral": (transformers.MistralConfig, dict(vocab_size=384, num_key_value_heads=2, sliding_window=None)),
+    # A window of 16 over the 96 tokens: logits past position 16 differ from full attention.
+    "mistral_window": (transformers.MistralConfig, dict(vocab_size=384, num_key_value_heads=2, sliding_window=16)),
 }
 
 
@@ -242,9 +244,11 @@ def test_first_hour_import_then_export_from_the_command_line(tmp_path):
 
 
 def test_export_writes_back_what_it_imported_and_refuses_what_it_cannot(tmp_path, monkeypatch):
-    """Mistral's sliding window: the imported context is capped at it, a longer max_seq_len is
-    refused, and the export is a Mistral with the same window; a tied checkpoint exports tied
-    (no lm_head tensor); a logit soft-cap, which a Llama config.json cannot say, is refused."""
+    """Mistral's sliding window: modelled at any length (logits of 48 tokens over a window of
+    16 equal transformers', which differ from full attention's), and the export is a Mistral
+    with the same window; a Mistral without a window exports an explicit null (a missing key
+    reads as 4096); a tied checkpoint exports tied (no lm_head tensor); a logit soft-cap,
+    which a Llama config.json cannot say, is refused."""
     import dataclasses
     import tempfile
 
@@ -254,17 +258,22 @@ def test_export_writes_back_what_it_imported_and_refuses_what_it_cannot(tmp_path
     src = tmp_path / "mistral"
     reference = save_hf(src, transformers.MistralConfig, vocab_size=384, num_key_value_heads=2, sliding_window=16)
     model, cfg = hf.from_pretrained(str(src), attention="xla")
-    assert cfg.max_seq_len == 16  # attention beyond the window is not the model's
-    tokens = TOKENS[:, :16]
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), hf_logits(reference, tokens), atol=1e-4, rtol=0)
-    with pytest.raises(hf.HFCheckpointError, match="exceeds the checkpoint's sliding_window 16"):
-        hf.from_pretrained(str(src), max_seq_len=48)
+    assert cfg.sliding_window == 16 and cfg.max_seq_len == 256
+    tokens = TOKENS[:, :48]
+    want = hf_logits(reference, tokens)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), want, atol=1e-4, rtol=0)
+    full = hf.from_pretrained(str(src), attention="xla", sliding_window=None)[0]  # the old import
+    assert np.abs(np.asarray(full(jnp.asarray(tokens))) - want)[:, 16:].max() > 1e-2
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     hf.save_pretrained(params, cfg, str(tmp_path / "mistral_out"), dtype="float32", base_config=hf.read_config(str(src)))
     written = json.loads((tmp_path / "mistral_out" / "config.json").read_text())
     assert written["sliding_window"] == 16 and written["architectures"] == ["MistralForCausalLM"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "mistral_out")).eval()
-    np.testing.assert_allclose(hf_logits(reloaded, tokens), hf_logits(reference, tokens), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(hf_logits(reloaded, tokens), want, atol=1e-5, rtol=0)
+    hf.save_pretrained(params, dataclasses.replace(cfg, sliding_window=None), str(tmp_path / "no_window"),
+                       dtype="float32", base_config=hf.read_config(str(src)))
+    written = json.loads((tmp_path / "no_window" / "config.json").read_text())
+    assert "sliding_window" in written and written["sliding_window"] is None
 
     tied_src = tmp_path / "tied"
     tied = save_hf(tied_src, transformers.LlamaConfig, vocab_size=384, num_key_value_heads=4, tie_word_embeddings=True)

@@ -1,10 +1,11 @@
-"""Logit parity with Hugging Face `transformers` (CPU torch) for Llama-family checkpoints.
+"""Logit parity with Hugging Face `transformers` (CPU torch) for every supported family.
 
-For random models of four configurations (Llama GQA untied, Llama tied, Llama-3.1 rope
-scaling, Mistral), saved with `save_pretrained`: the largest |logit difference| of
+For random models of each family (Llama GQA untied, Llama tied, Llama-3.1 rope scaling,
+Mistral with and without its sliding window, Qwen3 untied and tied, Mixtral, Qwen3-MoE with
+the top-k renormalised and as is), saved with `save_pretrained`: the largest |logit difference| of
 `models.hf.from_pretrained` against `transformers` in float32 and with bf16 compute, and of
 the round trip `from_pretrained` -> `save_pretrained` (fp32 and bf16 files) -> transformers.
-Needs the test extra (torch, transformers); about a minute on 2 CPU cores.
+Needs the test extra (torch, transformers); a few minutes on 2 CPU cores.
 
     python benchmarks/hf_parity.py
 """
@@ -35,6 +36,20 @@ CASES = {
             "original_max_position_embeddings": 128})),
     "mistral, GQA 8/2": (transformers.MistralConfig, dict(vocab_size=32000, num_key_value_heads=2,
                                                           sliding_window=None)),
+    "mistral, sliding window 128": (transformers.MistralConfig, dict(vocab_size=32000, num_key_value_heads=2,
+                                                                     sliding_window=128)),
+    "qwen3, q/k-norm, head_dim 64": (transformers.Qwen3Config, dict(vocab_size=32000, num_key_value_heads=2,
+                                                                    head_dim=64)),
+    "qwen3, tied": (transformers.Qwen3Config, dict(vocab_size=32000, num_key_value_heads=2, head_dim=32,
+                                                   tie_word_embeddings=True)),
+    "mixtral, 8 experts top-2": (transformers.MixtralConfig, dict(vocab_size=32000, num_key_value_heads=2,
+                                                                  num_local_experts=8, num_experts_per_tok=2)),
+    "qwen3-moe, 16 experts top-4, renormalised": (transformers.Qwen3MoeConfig, dict(
+        vocab_size=32000, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4,
+        moe_intermediate_size=128, norm_topk_prob=True)),
+    "qwen3-moe, 16 experts top-4, as is": (transformers.Qwen3MoeConfig, dict(
+        vocab_size=32000, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4,
+        moe_intermediate_size=128, norm_topk_prob=False)),
 }
 SEQ = 512
 

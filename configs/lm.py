@@ -129,8 +129,10 @@ def finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.init_from = ""  # required: hf:PATH
     c.data = data_config("c4")
     # vocab_size None: the checkpoint's; seq_len None: the checkpoint's context, at most 2048;
-    # document masking and bos as Llama models train.
-    c.data.update(dict(tokenizer="", add_bos=True, eval_max_batches=16))
+    # document masking as Llama models train; bos as the checkpoint's tokenizer does.
+    c.data.update(dict(tokenizer="", eval_max_batches=16))
+    # None: as the checkpoint's tokenizer does (Llama, Mistral: bos; Qwen: none).
+    c.data.add_bos = ml_collections.config_dict.placeholder(bool)
     c.data.vocab_size = ml_collections.config_dict.placeholder(int)
     c.data.seq_len = ml_collections.config_dict.placeholder(int)
     c.model = ml_collections.ConfigDict(dict(

@@ -30,6 +30,17 @@ CASES = {
     "mistral": (transformers.MistralConfig, dict(vocab_size=384, num_key_value_heads=2, sliding_window=None)),
     # A window of 16 over the 96 tokens: logits past position 16 differ from full attention.
     "mistral_window": (transformers.MistralConfig, dict(vocab_size=384, num_key_value_heads=2, sliding_window=16)),
+    # q/k-norm, head_dim 32 where d_model / heads is 16; tied as the small Qwen3s are.
+    "qwen3_tied": (transformers.Qwen3Config, dict(vocab_size=384, num_key_value_heads=2, head_dim=32,
+                                                  tie_word_embeddings=True)),
+    "mixtral": (transformers.MixtralConfig, dict(vocab_size=384, num_key_value_heads=2, num_local_experts=4,
+                                                 num_experts_per_tok=2, sliding_window=None)),
+    "qwen3_moe_topk_renormalised": (transformers.Qwen3MoeConfig, dict(
+        vocab_size=384, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True)),
+    "qwen3_moe_topk_as_is": (transformers.Qwen3MoeConfig, dict(
+        vocab_size=384, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=False)),
 }
 
 
@@ -63,14 +74,70 @@ def test_from_pretrained_logits_equal_transformers(tmp_path, case):
     assert (cfg.rope_scaling is not None) == ("rope_scaling" in fields)
 
 
-def test_import_onto_fsdp_tensor_mesh_equals_single_device_import(tmp_path):
+@pytest.mark.parametrize("case", ["qwen3_tied", "mixtral", "qwen3_moe_topk_as_is"])
+def test_round_trip_to_transformers(tmp_path, case):
+    """import -> save_pretrained -> transformers: the same logits, the same family and
+    routing settings in config.json, one tensor per expert."""
+    from flax import nnx
+
+    config_cls, fields = CASES[case]
+    reference = save_hf(tmp_path / "src", config_cls, **fields)
+    model, cfg = hf.from_pretrained(str(tmp_path / "src"), attention="xla")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    hf.save_pretrained(params, cfg, str(tmp_path / "out"), dtype="float32",
+                       base_config=hf.read_config(str(tmp_path / "src")))
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["architectures"] == [reference.__class__.__name__]
+    if cfg.num_experts:
+        assert written["num_experts_per_tok"] == 2
+        assert written.get("norm_topk_prob", True) == fields.get("norm_topk_prob", True)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    np.testing.assert_allclose(hf_logits(reloaded, TOKENS), hf_logits(reference, TOKENS), atol=1e-5, rtol=0)
+    # A model trained from scratch (no checkpoint config) goes out as the family that can express it.
+    assert hf.hf_config(cfg)["architectures"] == [reference.__class__.__name__]
+
+
+def test_unsupported_family_features_are_one_error_each(tmp_path):
+    base = dict(vocab_size=384, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    for extra, message in ((dict(mlp_only_layers=[0]), "dense layers among the mixture-of-experts layers"),
+                           (dict(decoder_sparse_step=2), "dense layers among the mixture-of-experts layers")):
+        cfg = {**transformers.Qwen3MoeConfig(**{**SMALL, **base}).to_dict(), **extra}
+        with pytest.raises(hf.HFCheckpointError, match=message):
+            hf.decoder_config(cfg)
+    qwen3 = transformers.Qwen3Config(**{**SMALL, "vocab_size": 384, "num_key_value_heads": 2, "use_sliding_window": True,
+                                        "sliding_window": 8,
+                                        "max_window_layers": 1}).to_dict()
+    with pytest.raises(hf.HFCheckpointError, match="a sliding window on some layers only"):
+        hf.decoder_config(qwen3)
+    assert hf.decoder_config({**qwen3, "max_window_layers": 0, "layer_types": None}).sliding_window == 8
+    with pytest.raises(hf.HFCheckpointError, match="is not supported; expected one of LlamaForCausalLM"):
+        hf.decoder_config(transformers.GPT2Config().to_dict())
+    # A missing expert tensor is named.
+    save_hf(tmp_path, transformers.MixtralConfig, vocab_size=384, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2)
+    from safetensors.numpy import load_file, save_file
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(hf.HFCheckpointError, match="has no tensor model.layers.1.block_sparse_moe.experts.3.w2.weight"):
+        hf.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_import_onto_fsdp_tensor_mesh_equals_single_device_import(tmp_path, family):
+    """Each device reads its own block; the Mixtral's experts split over an expert axis too,
+    so a device reads only its experts' tensors."""
     from flax import nnx
 
     from models import decoder, partitioning
 
-    save_hf(tmp_path, transformers.LlamaConfig, vocab_size=384, num_key_value_heads=2)
+    if family == "llama":
+        save_hf(tmp_path, transformers.LlamaConfig, vocab_size=384, num_key_value_heads=2)
+        mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))
+    else:
+        save_hf(tmp_path, CASES["mixtral"][0], **CASES["mixtral"][1])
+        mesh = jax.make_mesh((2, 2, 2), ("fsdp", "expert", "tensor"))
     cfg = hf.decoder_config(hf.read_config(str(tmp_path)))
-    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))
     with partitioning.sharding_context(mesh):
         state = nnx.state(nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0))))
         shardings = nnx.to_pure_dict(partitioning.variable_shardings(state, mesh, partitioning.DEFAULT_RULES))
@@ -82,6 +149,11 @@ def test_import_onto_fsdp_tensor_mesh_equals_single_device_import(tmp_path):
                                jax.tree.leaves(shardings)):
         assert a.sharding == s, path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    if family == "mixtral":  # [layers, experts, d_model, ffn] over expert x fsdp x tensor
+        gate = sharded["layers"]["mlp"]["gate"]
+        assert gate.sharding.spec[1:4] == ("expert", "fsdp", "tensor")
+        assert gate.addressable_shards[0].data.shape == (2, 2, 32, 48)
+        return
     # Really split: the query kernel [embed, heads, head_dim] over fsdp x tensor.
     query = sharded["layers"]["attn"]["query"]
     assert query.sharding.spec[1:3] == ("fsdp", "tensor") and len(query.addressable_shards) == 8
@@ -102,15 +174,21 @@ def _finetune_config(src, **changes):
     return config
 
 
-def test_import_train_export_reload_gives_the_original_logits(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_import_train_export_reload_gives_the_original_logits(tmp_path, family):
     """hf -> trainer (init_from, the checkpoint's tokenizer.json, one step at lr 0) -> export
-    -> transformers: the same logits; a step at the real lr changes them."""
+    -> transformers: the same logits; a step at the real lr changes them. Also for a
+    Qwen3-MoE through the trainer's MoE step (routers, experts, the auxiliary losses)."""
     from train import hf as hf_export
     from train import trainer
     from train.errors import UserError
 
     src = tmp_path / "src"
-    original = save_hf(src, transformers.LlamaConfig, vocab_size=512, num_key_value_heads=2)
+    if family == "llama":
+        original = save_hf(src, transformers.LlamaConfig, vocab_size=512, num_key_value_heads=2)
+    else:
+        original = save_hf(src, transformers.Qwen3MoeConfig, vocab_size=512, num_key_value_heads=2, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
     train_hf_bpe(src / "tokenizer.json", vocab_size=400)
     results = {}
     for name, lr in (("zero", 0.0), ("real", 1e-3)):
@@ -129,6 +207,27 @@ def test_import_train_export_reload_gives_the_original_logits(tmp_path):
         hf_export.export(str(tmp_path / "zero"), str(tmp_path / "zero_hf"))
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "zero_hf"))
     assert tok.decode(tok("def f(x): return x")["input_ids"], skip_special_tokens=True) == "def f(x): return x"
+
+
+def test_finetune_takes_the_bos_convention_of_the_checkpoint_tokenizer(tmp_path):
+    """`configs/lm.py:finetune` leaves data.add_bos to the checkpoint: tokenizer_config.json's
+    add_bos_token when it says (Llama 2, Mistral), else whether it names a bos token (Llama 3:
+    yes; Qwen: none); a value set by the user wins."""
+    from train import trainer
+
+    for name, tok_config, want in (("llama2", {"add_bos_token": True, "bos_token": "<s>"}, True),
+                                   ("llama3", {"bos_token": "<|begin_of_text|>"}, True),
+                                   ("qwen", {"bos_token": None, "eos_token": "<|im_end|>"}, False),
+                                   ("said_no", {"add_bos_token": False, "bos_token": "<s>"}, False),
+                                   ("none", None, False)):
+        (tmp_path / name).mkdir()
+        if tok_config is not None:
+            (tmp_path / name / "tokenizer_config.json").write_text(json.dumps(tok_config))
+        config = _finetune_config(tmp_path / name)
+        assert trainer._with_checkpoint_tokenizer(config).data.add_bos is want, name
+        assert config.data.add_bos is None  # copied, not changed
+        config.data.add_bos = not want
+        assert trainer._with_checkpoint_tokenizer(config).data.add_bos is (not want), name
 
 
 def test_export_in_bf16_with_sharded_files_loads_in_transformers(tmp_path):
@@ -292,7 +391,9 @@ def test_export_writes_back_what_it_imported_and_refuses_what_it_cannot(tmp_path
     from etils import epath
 
     local = epath.Path(str(tied_src))
-    monkeypatch.setattr(hf, "_epath", lambda p: local if str(p).startswith("remote://") else epath.Path(str(p)))
+    from models.hf import checkpoint as hf_files
+
+    monkeypatch.setattr(hf_files, "_epath", lambda p: local if str(p).startswith("remote://") else epath.Path(str(p)))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     model, _ = hf.from_pretrained("remote://bucket/tied", attention="xla")

@@ -163,7 +163,7 @@ class LanguageModeling(_Task):
 
     # What config.model may still set when the architecture comes from a checkpoint: how to run
     # it, and a cap on its context.
-    HOW_TO_RUN = ("dtype", "param_dtype", "scan_layers", "remat", "attention")
+    HOW_TO_RUN = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "expert_matmul")
     RUN_FIELDS = (*HOW_TO_RUN, "max_seq_len")
 
     def _from_checkpoint(self, init_from: str, overrides: dict, data_vocab) -> None:

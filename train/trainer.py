@@ -84,14 +84,36 @@ def _check_scalars(config) -> None:
 
 
 def _with_checkpoint_tokenizer(config):
-    """With `init_from=hf:PATH` and no `data.tokenizer`, the checkpoint's own tokenizer
-    (PATH/tokenizer.json) tokenizes the text; the config is copied, not changed."""
+    """With `init_from=hf:PATH`: no `data.tokenizer` means the checkpoint's own tokenizer
+    (PATH/tokenizer.json), and `data.add_bos` None its convention (`_checkpoint_adds_bos`);
+    the config is copied, not changed."""
     init_from = str(config.get("init_from") or "")
-    if not init_from.startswith("hf:") or config.data.kind != "text" or config.data.tokenizer:
+    if config.data.kind != "text":
+        return config
+    from_checkpoint = init_from.startswith("hf:")
+    if not (from_checkpoint and not config.data.tokenizer) and config.data.get("add_bos") is not None:
         return config
     config = config.copy_and_resolve_references()
-    config.data.tokenizer = init_from[len("hf:"):]
+    if from_checkpoint and not config.data.tokenizer:
+        config.data.tokenizer = init_from[len("hf:"):]
+    if config.data.get("add_bos") is None:
+        config.data.add_bos = from_checkpoint and _checkpoint_adds_bos(init_from[len("hf:"):])
     return config
+
+
+def _checkpoint_adds_bos(path: str) -> bool:
+    """Whether the checkpoint's tokenizer starts documents with its bos token, as
+    `transformers` does: tokenizer_config.json's `add_bos_token` when it says, else whether
+    it names a bos token at all (Llama 3: yes; Qwen: none)."""
+    from etils import epath
+
+    try:
+        config = json.loads((epath.Path(os.path.expanduser(path)) / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if "add_bos_token" in config:
+        return bool(config["add_bos_token"])
+    return bool(config.get("bos_token"))
 
 
 def _check_workdir(workdir: str) -> None:

@@ -147,7 +147,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "bfloat
                                    base_config=hf_config, fetch=fetch)
         files += _copy_tokenizer(tokenizer, out)
     else:  # the gathers are collective: every process takes part
-        for _ in hf.hf_tensors(params, model_config, fetch):
+        for _ in hf.hf_tensors(params, model_config, fetch, hf_config):
             pass
     return files
 

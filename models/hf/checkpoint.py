@@ -225,13 +225,19 @@ def hf_tensors(params: dict, cfg: decoder.DecoderConfig, fetch=None, base: dict 
     tensors = tensor_map(cfg, base)
     for leaf_path, leaf in _walk(params):
         t = tensors[_key(cfg, leaf_path)]
-        value = fetch(leaf)
-        _, names, _ = _leaf_tensors(cfg, leaf_path, t, value.shape)
-        for idx, name in names.items():
-            v = value[idx]
-            if t.split:
-                v = v.reshape(math.prod(v.shape[:t.split]), -1).T
-            yield name, np.ascontiguousarray(v)
+        n, names, _ = _leaf_tensors(cfg, leaf_path, t, tuple(leaf.shape))
+        # A stacked leaf comes to the host one layer at a time (Qwen3-30B-A3B's stacked
+        # float32 expert weights are 38.6 GB each; one layer's, 0.8).
+        chunks = [((), leaf)] if n == 0 else (((i,), leaf[i]) for i in range(leaf.shape[0]))
+        for prefix, part in chunks:
+            value = fetch(part)
+            for idx, name in names.items():
+                if idx[:len(prefix)] != prefix:
+                    continue
+                v = value[idx[len(prefix):]]
+                if t.split:
+                    v = v.reshape(math.prod(v.shape[:t.split]), -1).T
+                yield name, np.ascontiguousarray(v)
 
 
 def save_pretrained(params: dict, cfg: decoder.DecoderConfig, out_dir: str, *, dtype: str = "bfloat16",

@@ -17,7 +17,7 @@ Protocol, per task and optimizer (`search`), every optimizer tuned the same way:
   2. With seed 0, sweep lr over {x/3, x, 3x}, then weight decay likewise at the best lr,
      then lr again at the best wd; a best value at an edge of its grid is extended by one
      more 3x step (at most `MAX_EXTEND` times), so nothing is left at a grid edge. Lion on
-     the LM then tries b1/b2 = 0.9/0.95 and 0.9/0.99 as well.
+     the LMs (byte LM, MoE byte LM) then tries b1/b2 = 0.9/0.95 and 0.9/0.99 as well.
   3. Keep the setting with the lowest final eval loss; rerun it with seeds 1 and 2.
 
 Outputs in --out: `compare_optimizers.png` (eval loss and accuracy vs step: seed mean, with
@@ -72,6 +72,18 @@ def base_hparams(config, optimizer: str) -> HParams:
 CACHE: str | None = None  # --cache
 
 
+def _config_key(config) -> str:
+    """A hash of the config's fields, those set to None left out (a field added to the
+    configs later, unset, then keeps the runs cached before it)."""
+    def drop_none(x):
+        if isinstance(x, dict):
+            return {k: drop_none(v) for k, v in x.items() if v is not None}
+        return x
+
+    text = json.dumps(drop_none(json.loads(config.to_json_best_effort())), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 def train_once(config, optimizer: str, hp: HParams, seed: int, root: str) -> dict:
     """One training run; returns {metric: (steps, values)} read back from metrics.jsonl
     (or from `CACHE` when a run of the same config finished there)."""
@@ -85,7 +97,7 @@ def train_once(config, optimizer: str, hp: HParams, seed: int, root: str) -> dic
     t0 = time.perf_counter()
     cached = None
     if CACHE:
-        key = hashlib.sha256(c.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:20]
+        key = _config_key(c)
         cached = os.path.join(CACHE, f"{optimizer}-{key}.json")
     if cached and os.path.exists(cached):
         with open(cached) as f:
@@ -118,7 +130,7 @@ def _final(curves) -> float:
 def search(task: Task, opt: str, quick: bool, root: str) -> tuple[HParams, dict]:
     """Coordinate search with seed 0: learning rate, then weight decay, then learning rate
     again (factors of 3 around the best so far; a best value at an edge of its grid is
-    extended by up to `MAX_EXTEND` more 3x steps), then for Lion on the LM the (b1, b2)
+    extended by up to `MAX_EXTEND` more 3x steps), then for Lion on the LMs the (b1, b2)
     pairs of `LION_BETAS`. Runs are cached, so a revisited point costs nothing."""
     runs: dict[HParams, dict] = {}
 
@@ -146,7 +158,7 @@ def search(task: Task, opt: str, quick: bool, root: str) -> tuple[HParams, dict]
             edge = hi * 3.0 if pick == hi else lo / 3.0
             line[edge] = moved(edge)
         best = min(line.values(), key=run)
-    if opt == "lion" and task.name == "byte LM":
+    if opt == "lion" and task.config.model.get("family") == "lm":  # the LMs: byte LM, MoE byte LM
         best = min([best] + [best[:2] + betas for betas in LION_BETAS], key=run)
     return best, runs
 

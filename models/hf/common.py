@@ -128,7 +128,6 @@ def config_json(cfg: decoder.DecoderConfig, architecture: str, model_type: str, 
         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
         torch_dtype=dtype)
     s = cfg.rope_scaling
-    out.pop("rope_scaling", None)
     if s is not None:
         out["rope_scaling"] = {"rope_type": s.kind, "factor": s.factor} if s.kind == "linear" else {
             "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,

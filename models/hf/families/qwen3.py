@@ -26,8 +26,6 @@ def window(hf: dict) -> int | None:
     return int(hf["sliding_window"]) if kinds[0] == "sliding_attention" else None
 
 
-HFCheckpointError = common.HFCheckpointError
-
 
 def decoder_fields(hf: dict) -> dict:
     return {**common.base_fields(hf), "qk_norm": True, "sliding_window": window(hf)}

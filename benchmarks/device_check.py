@@ -4,6 +4,9 @@
   lion_update benchmarks/lion_update.py: ours vs optax.lion vs optax.adamw, time and bytes
   train_step  the `1b` decoder (TinyLlama shape) at seq 2048 on one device, Lion vs AdamW,
               attention `auto` (splash on TPU, cuDNN on GPU) vs `xla`: measured tokens/s, MFU
+  attention   on a GPU, cuDNN's packed-document attention (segment lengths and offsets, also
+              with more segments than CUDNN_SEGMENTS, and a sliding window) against XLA's
+              segment-id attention: max output and gradient differences, ms per call
   demo        `configs/lm.py:demo` trained, checkpointed, then resumed once by the same command
               with more steps: loss, eval loss, tokens/s, the step it resumed from
 
@@ -114,6 +117,50 @@ def train_step_section(dry: bool) -> dict:
     return {"timed_steps": steps, "rows": rows}
 
 
+def attention_section(dry: bool) -> dict:
+    """cuDNN's packed layout against XLA's segment-id mask, forward and gradients (GPU only)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from models import attention
+
+    if attention.platform() != "gpu":
+        return {"skipped": f"cuDNN needs a GPU, this is {attention.platform()!r}"}
+    batch, seq, heads, kv_heads, dim = (2, 256, 4, 2, 64) if dry else (4, 4096, 32, 8, 128)
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v = (jax.random.normal(key, (batch, seq, h, dim), jnp.bfloat16) / (dim ** 0.25 if i == 0 else 1)
+               for i, (key, h) in enumerate(zip(keys, (heads, kv_heads, kv_heads))))
+    docs = np.cumsum(np.random.default_rng(0).random((batch, seq)) < 8 / seq, axis=1) + 1  # ~8 a row
+    many = docs.copy()
+    many[0] = np.arange(seq) // 2 + 1  # seq / 2 documents: the exact branch
+    weights = jax.random.normal(keys[3], (batch, seq, heads, dim))
+    rows = []
+    for name, ids, window in (("docs", docs, None), ("docs+window", docs, 512 if not dry else 32),
+                              ("many docs", many, None)):
+        ids = jnp.asarray(ids, jnp.int32)
+
+        def loss(q, k, v, impl):
+            out = attention.attend(q, k, v, implementation=impl, causal=True, segment_ids=ids, window=window)
+            return (out.astype(jnp.float32) * weights).sum(), out
+
+        grads = {}
+        row = {"case": name, "segments_max": int(attention.segment_count(ids).max())}
+        for impl in ("cudnn", "xla"):
+            fn = jax.jit(jax.value_and_grad(lambda q, k, v: loss(q, k, v, impl), argnums=(0, 1, 2), has_aux=True))
+            (_, out), g = jax.block_until_ready(fn(q, k, v))
+            start = time.perf_counter()
+            for _ in range(5):
+                jax.block_until_ready(fn(q, k, v))
+            row[f"{impl}_ms_fwd_bwd"] = round((time.perf_counter() - start) / 5 * 1e3, 2)
+            grads[impl] = (out, *g)
+        diffs = [float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
+                 for a, b in zip(grads["cudnn"], grads["xla"])]
+        row.update(max_diff_out=diffs[0], max_diff_dq=diffs[1], max_diff_dk=diffs[2], max_diff_dv=diffs[3])
+        rows.append(row)
+        print(f"  attention {row}", file=sys.stderr, flush=True)
+    return {"shape": [batch, seq, heads, kv_heads, dim], "rows": rows}
+
+
 def demo_section(dry: bool) -> dict:
     first, second = (20, 30) if dry else (100, 150)
     workdir = tempfile.mkdtemp(prefix="device_check_demo_")
@@ -159,9 +206,19 @@ def markdown(report: dict) -> str:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
         out.append(f"| {r['optimizer']} | {r['attention']} | {r['batch']}x{r['seq_len']} | {r['ms_per_step']} | "
                    f"{r['tokens_per_s']} | {mfu} | {r.get('peak_gib', 'n/a')} | {r['compile_and_first_step_s']} |")
+    att = report.get("attention", {})
+    out += ["", "## cuDNN packed documents vs XLA segment mask (bf16)", "",
+            att.get("error") or att.get("skipped") or f"batch, seq, heads, kv heads, head dim: {att.get('shape')}"]
+    if att.get("rows"):
+        out += ["", "| case | max segments | cudnn ms | xla ms | max diff out / dq / dk / dv |", "|---|---|---|---|---|"]
+        out += [f"| {r['case']} | {r['segments_max']} | {r['cudnn_ms_fwd_bwd']} | {r['xla_ms_fwd_bwd']} | "
+                f"{r['max_diff_out']:.3g} / {r['max_diff_dq']:.3g} / {r['max_diff_dk']:.3g} / {r['max_diff_dv']:.3g} |"
+                for r in att["rows"]]
     demo = report.get("demo", {})
     out += ["", "## LM demo: train, checkpoint, resume", ""]
-    if "error" in demo:
+    if not demo:
+        out.append("not run")
+    elif "error" in demo:
         out.append(f"error: {demo['error']}")
     else:
         out.append(f"steps {demo['steps'][0]} then {demo['steps'][1]} (resumed from {demo['resumed_from']}), "
@@ -174,13 +231,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, any backend")
-    parser.add_argument("--only", nargs="+", choices=("lion_update", "train_step", "demo"),
-                        default=["lion_update", "train_step", "demo"])
+    parser.add_argument("--only", nargs="+", choices=("lion_update", "train_step", "attention", "demo"),
+                        default=["lion_update", "train_step", "attention", "demo"])
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     report = {"device": device_section(args.dry_run)}
     print(f"device: {report['device']}", flush=True)
-    sections = {"lion_update": lion_update_section, "train_step": train_step_section, "demo": demo_section}
+    sections = {"lion_update": lion_update_section, "train_step": train_step_section, "attention": attention_section,
+                "demo": demo_section}
     for name in args.only:
         start = time.perf_counter()
         try:

@@ -12,8 +12,9 @@ query attention when kv_heads < heads; queries already scaled) and returns the c
   length (padded to the block and masked). This is MaxText's TPU default.
 - `flash`: the Pallas TPU flash-attention kernel (`...ops.tpu.flash_attention`); K/V
   heads are repeated to the query heads.
-- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs
-  (segment ids become a boolean mask).
+- `cudnn`: cuDNN's fused attention (`jax.nn.dot_product_attention(implementation="cudnn")`)
+  on NVIDIA GPUs; packed documents in cuDNN's packed-sequence layout (segment lengths and
+  offsets), never a [seq, seq] mask.
 - `auto`: splash on TPU, cudnn on GPU (for bf16/fp16 inputs without a logit soft-cap; XLA
   otherwise), xla elsewhere, decided by the platform of the
   active mesh (so an AOT compile for a TPU topology on a CPU host picks splash).
@@ -165,17 +166,62 @@ def xla_attention(q, k, v, *, causal=False, segment_ids=None, logit_softcap=None
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
+CUDNN_SEGMENTS = 64  # segments per row in cuDNN's packed layout; rows with more take the exact slow branch
+
+
+def packed_layout(segment_ids, max_segments: int):
+    """cuDNN's packed-sequence description of rows of contiguous segments: `(lengths,
+    starts)`, [batch, max_segments] and [batch, max_segments + 1] int32, each row's segment
+    lengths and start positions in order, padded with -1 (the layout
+    `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention` takes as q/kv seqlen and
+    offsets). A segment is a run of equal ids (the data path numbers documents 1, 2, ... and
+    padding 0, so runs and ids coincide). Rows with more than `max_segments` runs keep their
+    first `max_segments`; `segment_count` tells them apart."""
+    batch, seq = segment_ids.shape
+    first = jnp.concatenate([jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    index = jnp.where(first, jnp.cumsum(first, axis=1) - 1, max_segments + 1)  # out of range: dropped
+    rows = jnp.arange(batch)[:, None]
+    # Start of each run, and `seq` past the last: run i spans [bounds[i], bounds[i + 1]).
+    bounds = jnp.full((batch, max_segments + 2), seq, jnp.int32).at[rows, index].set(
+        jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)), mode="drop")
+    count = jnp.minimum(first.sum(axis=1, keepdims=True), max_segments)
+    kept = jnp.arange(max_segments + 1) < count
+    lengths = jnp.where(kept[:, :-1], bounds[:, 1:-1] - bounds[:, :-2], -1)
+    return lengths, jnp.where(kept, bounds[:, :-1], -1)
+
+
+def segment_count(segment_ids):
+    """Runs of equal ids in each row of `segment_ids` [batch, seq]."""
+    return 1 + (segment_ids[:, 1:] != segment_ids[:, :-1]).sum(axis=1)
+
+
 def _cudnn(q, k, v, *, causal, segment_ids, logit_softcap, window=None):
+    """cuDNN's fused attention. Packed documents use its packed-sequence layout (each segment
+    a sequence of its own: no [seq, seq] mask or bias in HBM); the static layout holds
+    `CUDNN_SEGMENTS` segments per row, and a batch with a longer row takes a branch whose
+    layout holds one segment per token (exact, more empty work for the kernel)."""
     if q.dtype not in _CUDNN_DTYPES:
         raise UnavailableAttention(f"attention='cudnn' needs bf16 or fp16 inputs, got {q.dtype}; use 'auto' or 'xla'")
     if logit_softcap is not None:
         raise UnavailableAttention("attention='cudnn' has no logit soft-cap; use 'xla'")
-    mask = None
-    if segment_ids is not None:
-        mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, is_causal=causal,
-                                        local_window_size=None if window is None else (window - 1, 0),
-                                        implementation="cudnn")
+    if segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=causal,
+                                            local_window_size=None if window is None else (window - 1, 0),
+                                            implementation="cudnn")
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # the packed layout has no public API yet
+
+    def packed(max_segments, q, k, v, segment_ids):
+        lengths, starts = packed_layout(segment_ids, max_segments)
+        return cudnn.dot_product_attention(
+            q, k, v, None, None, lengths, lengths, starts, starts, scale=1.0,
+            mask_type=cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING,
+            sliding_window_length=window)
+
+    few = min(CUDNN_SEGMENTS, q.shape[1])
+    if few == q.shape[1]:
+        return packed(few, q, k, v, segment_ids)
+    return jax.lax.cond(jnp.all(segment_count(segment_ids) <= few), functools.partial(packed, few),
+                        functools.partial(packed, q.shape[1]), q, k, v, segment_ids)
 
 
 def _per_shard(kernel, q, k, v, segment_ids):

@@ -140,6 +140,8 @@ def finetune_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.loss_chunk = 1024
     c.batch_size, c.num_steps = 64, 2000  # 128k tokens per step
     c.z_loss = 0.0  # the pretrained head was not trained with one
+    # None: the load-balancing loss weight of the checkpoint's config.json (router_aux_loss_coef).
+    c.moe_aux_loss = ml_collections.config_dict.placeholder(float)
     c.optimizer.update(dict(warmup_steps=100, schedule="cosine", end_lr_fraction=0.1, grad_clip_norm=1.0))
     c.optimizer.lion = common.lion(4e-6, 0.1, b1=0.95, b2=0.98)
     c.optimizer.adamw = common.adamw(2e-5, 0.01, b1=0.9, b2=0.95)

@@ -230,6 +230,24 @@ def test_finetune_takes_the_bos_convention_of_the_checkpoint_tokenizer(tmp_path)
         assert trainer._with_checkpoint_tokenizer(config).data.add_bos is (not want), name
 
 
+def test_finetune_takes_the_load_balancing_weight_of_the_checkpoint(tmp_path):
+    """`configs/lm.py:finetune` weighs the load-balancing loss as the checkpoint's config.json
+    says (`router_aux_loss_coef`: Mixtral-8x7B's is 0.02), transformers' default 0.001 when it
+    says nothing; a weight set by the user wins."""
+    from train import tasks
+
+    save_hf(tmp_path / "said", transformers.MixtralConfig, vocab_size=384, num_key_value_heads=2,
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=None, router_aux_loss_coef=0.02)
+    save_hf(tmp_path / "default", transformers.Qwen3MoeConfig, vocab_size=384, num_key_value_heads=2,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    config_json = tmp_path / "default" / "config.json"
+    config_json.write_text(json.dumps({k: v for k, v in json.loads(config_json.read_text()).items()
+                                       if k != "router_aux_loss_coef"}))
+    assert tasks.make_task(_finetune_config(tmp_path / "said")).moe_aux_loss == 0.02
+    assert tasks.make_task(_finetune_config(tmp_path / "default")).moe_aux_loss == 0.001
+    assert tasks.make_task(_finetune_config(tmp_path / "said", moe_aux_loss=0.05)).moe_aux_loss == 0.05
+
+
 def test_export_in_bf16_with_sharded_files_loads_in_transformers(tmp_path):
     from flax import nnx
 

@@ -149,7 +149,12 @@ class LanguageModeling(_Task):
                 f"data.seq_len {self.seq_len} exceeds the model's max_seq_len {self.model_config.max_seq_len}")
         self.z_loss = float(config.z_loss)
         # Mixture of experts: weights of the routers' load-balancing and z losses.
-        self.moe_aux_loss, self.moe_z_loss = float(config.get("moe_aux_loss", 0.0)), float(config.get("moe_z_loss", 0.0))
+        # None (configs/lm.py:finetune): the checkpoint's weight, config.json's router_aux_loss_coef
+        # (Mixtral-8x7B 0.02, Qwen3-30B-A3B 0.001; transformers' default 0.001 when absent).
+        aux = config.get("moe_aux_loss", 0.0)
+        if aux is None:
+            aux = getattr(self, "_hf_source", {}).get("router_aux_loss_coef", 0.001) if self.init_from else 0.01
+        self.moe_aux_loss, self.moe_z_loss = float(aux), float(config.get("moe_z_loss", 0.0))
         # Sequence positions per chunk of the output head and loss (0: the whole sequence).
         self.loss_chunk = int(config.loss_chunk)
         if self.loss_chunk < 0 or (0 < self.loss_chunk < self.seq_len and self.seq_len % self.loss_chunk):

@@ -104,14 +104,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         # per chip: int8 Lion momentum with the fused apply; the head and loss over 8 strided
         # vocabulary slices of the whole sequence; and libtpu's bf16 propagation off, which
         # would otherwise keep a bf16 copy of every stacked layer weight (2 GB per chip)
-        # alive through the forward and backward layer loops (docs/results.md); and the
-        # compiler's rematerialization and scheduler held to 70% of HBM, without which jax 0.12's
-        # libtpu needs 17.98 of 17.18 GB (docs/gpu.md).
+        # alive through the forward and backward layer loops (docs/results.md).
         c.optimizer.lion.update(dict(mu_dtype="int8", fused_apply=True))
         c.loss_chunk, c.loss_vocab_chunks = 0, 8
-        c.tpu_compiler_options = ml_collections.ConfigDict(dict(
-            xla_jf_bf16_propagation=False, xla_jf_rematerialization_percent_shared_memory_limit=70,
-            xla_tpu_scheduler_percent_shared_memory_limit=70))
+        c.tpu_compiler_options = ml_collections.ConfigDict(dict(xla_jf_bf16_propagation=False))
     return c
 
 

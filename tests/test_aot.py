@@ -170,3 +170,26 @@ def test_moe_layers_spend_only_the_active_experts_flops():
 
     ratio = moe_flops.moe_layers_over_active()
     assert ratio < 1.15, ratio
+
+
+def test_the_fit_is_what_xla_allocates_when_the_jax_reports_it():
+    """With `total_allocation_bytes` (jax >= 0.12) the fit is XLA's allocation (arguments
+    included) plus code, not arguments + `temp_size_in_bytes`, which for some programs counts
+    the arguments again; without it (jax 0.10) the report is unchanged. And on a real compile
+    the two figures XLA gives agree with each other when the jax has them."""
+    from types import SimpleNamespace
+
+    mem = SimpleNamespace(argument_size_in_bytes=3 * GiB, temp_size_in_bytes=9 * GiB, generated_code_size_in_bytes=GiB,
+                          total_allocation_bytes=10 * GiB)
+    assert aot.allocation_report(mem, 12 * GiB) == {
+        "allocated_bytes_per_chip": 11 * GiB, "allocated_temp_bytes_per_chip": 7 * GiB, "fits": True}
+    assert aot.allocation_report(mem, 10.5 * GiB)["fits"] is False
+    del mem.total_allocation_bytes  # jax 0.10
+    assert aot.allocation_report(mem, 12 * GiB) == {}
+
+    config = lm_configs.get_config("demo")
+    config.update_from_flattened_dict({"model.num_layers": 2, "batch_size": 8})
+    report = aot.compile_report(config, "v5e:2x2")
+    if "allocated_bytes_per_chip" in report:
+        assert 0 < report["allocated_temp_bytes_per_chip"] < report["allocated_bytes_per_chip"]
+        assert report["fits"] == (report["allocated_bytes_per_chip"] <= report["hbm_bytes_per_chip"])

@@ -22,6 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2**30
 
 
+def _needed(report) -> int:
+    """Bytes per chip the step needs: XLA's allocation where jax reports it (0.12), else
+    arguments + libtpu's temp_size (0.10; counts some programs' arguments twice)."""
+    return report.get("allocated_bytes_per_chip", report["total_bytes_per_chip"])
+
+
 def test_vit_b16_on_v4_state_bytes_and_lion_quarter_of_adamw():
     """Per-chip parameter and optimizer-state bytes as compile_report counts them (from the
     sharded abstract state, before compiling; the fit tests below compile)."""
@@ -47,7 +53,7 @@ def test_vit_b16_batch_4096_without_remat_fits_8_v4_chips():
     config.model.remat = "none"
     report = aot.compile_report(config, "v4:2x2x2")
     assert report["fits"], report
-    assert report["total_bytes_per_chip"] <= 30.75 * GiB
+    assert _needed(report) <= 30.75 * GiB
 
 
 def test_llama3_8b_fits_eight_v5e_chips_at_seq_8192():
@@ -57,7 +63,7 @@ def test_llama3_8b_fits_eight_v5e_chips_at_seq_8192():
     report = aot.compile_report(lm_configs.get_config("8b-v5e"), "v5e:2x4")
     assert report["params"] == 8_030_261_248 and report["batch_size"] == 8
     assert report["fits"], report
-    assert report["total_bytes_per_chip"] <= 16 * GiB
+    assert _needed(report) <= 16 * GiB
 
 
 def test_lm_1b_on_v5e_is_fsdp_sharded_a_quarter_per_chip():

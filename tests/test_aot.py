@@ -196,6 +196,8 @@ def test_the_fit_is_what_xla_allocates_when_the_jax_reports_it():
     config = lm_configs.get_config("demo")
     config.update_from_flattened_dict({"model.num_layers": 2, "batch_size": 8})
     report = aot.compile_report(config, "v5e:2x2")
+    text = aot.format_report(report)
+    assert "needed more than" not in text and ("XLA allocates" in text) == ("allocated_bytes_per_chip" in report)
     if "allocated_bytes_per_chip" in report:
         assert 0 < report["allocated_temp_bytes_per_chip"] < report["allocated_bytes_per_chip"]
         assert report["fits"] == (report["allocated_bytes_per_chip"] <= report["hbm_bytes_per_chip"])

@@ -172,11 +172,11 @@ def format_report(r: dict) -> str:
         lines.append(f"temporaries     {gib(r['temp_bytes_per_chip'])}")
     if "total_bytes_per_chip" in r:
         lines.append(f"total/chip      {gib(r['total_bytes_per_chip'])} of {gib(r['hbm_bytes_per_chip'])} HBM")
-    if "allocated_bytes_per_chip" in r:
-        lines.append(f"XLA allocates   {gib(r['allocated_bytes_per_chip'])} of {gib(r['hbm_bytes_per_chip'])} HBM "
-                     f"(temporaries {gib(r['allocated_temp_bytes_per_chip'])}, with the generated code)")
     elif "temp_bytes_per_chip" in r:
         lines[-1] += f" (the compiler needed more than {gib(r['hbm_bytes_per_chip'])} HBM)"
+    if "allocated_bytes_per_chip" in r:
+        lines.append(f"XLA allocates   {gib(r['allocated_bytes_per_chip'])} of {gib(r['hbm_bytes_per_chip'])} HBM "
+                     f"with arguments and code (temporaries {gib(r['allocated_temp_bytes_per_chip'])})")
     lines.append(f"fits            {'yes' if r['fits'] else 'NO'}")
     if "compile_error" in r:
         lines.append(f"compiler        {r['compile_error']}")

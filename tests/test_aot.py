@@ -180,8 +180,8 @@ def test_moe_layers_spend_only_the_active_experts_flops():
 
 def test_the_fit_is_what_xla_allocates_when_the_jax_reports_it():
     """With `total_allocation_bytes` (jax >= 0.12) the fit is XLA's allocation (arguments
-    included) plus code, not arguments + `temp_size_in_bytes`, which for some programs counts
-    the arguments again; without it (jax 0.10) the report is unchanged. And on a real compile
+    included) plus code, not arguments + `temp_size_in_bytes`, which for some programs exceeds
+    what XLA allocates; without it (jax 0.10) the report is unchanged. And on a real compile
     the two figures XLA gives agree with each other when the jax has them."""
     from types import SimpleNamespace
 

@@ -147,10 +147,11 @@ def allocation_report(mem, hbm_limit: int) -> dict:
     `total_allocation_bytes` is the sum of the program's buffer allocations, arguments
     included: the figure XLA:TPU's out-of-memory check compares with HBM (its error's "memory
     required for HLO temporaries" is this number). `temp_size_in_bytes` (the report's
-    `temp_bytes_per_chip`, what MaxText prints) equals it minus the arguments for some
-    programs but exceeds that by up to the arguments' size for others (our MoE and scanned
-    steps), so `total_bytes_per_chip` can count the arguments twice. With the allocation known,
-    `fits` is decided from it."""
+    `temp_bytes_per_chip`, what MaxText prints) equals it minus the arguments for MaxText's
+    steps but exceeds that for ours (by 2.5 GB for Qwen3-30B-A3B on v5e-64, 4.0 GB for the 8b
+    on v5p-64; on a toy scan it appears with libtpu's bf16 propagation, docs/results.md), so
+    arguments + `temp_size` overstates what the step needs. With the allocation known, `fits`
+    is decided from it."""
     allocated = int(getattr(mem, "total_allocation_bytes", 0) or 0)
     if not allocated:
         return {}

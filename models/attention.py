@@ -184,7 +184,7 @@ def packed_layout(segment_ids, max_segments: int):
     # Start of each run, and `seq` past the last: run i spans [bounds[i], bounds[i + 1]).
     bounds = jnp.full((batch, max_segments + 2), seq, jnp.int32).at[rows, index].set(
         jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)), mode="drop")
-    count = jnp.minimum(first.sum(axis=1, keepdims=True), max_segments)
+    count = jnp.minimum(segment_count(segment_ids)[:, None], max_segments)
     kept = jnp.arange(max_segments + 1) < count
     lengths = jnp.where(kept[:, :-1], bounds[:, 1:-1] - bounds[:, :-2], -1)
     return lengths, jnp.where(kept, bounds[:, :-1], -1)

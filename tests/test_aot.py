@@ -24,7 +24,7 @@ GiB = 2**30
 
 def _needed(report) -> int:
     """Bytes per chip the step needs: XLA's allocation where jax reports it (0.12), else
-    arguments + libtpu's temp_size (0.10; counts some programs' arguments twice)."""
+    arguments + libtpu's temp_size (0.10; larger than the allocation for our steps)."""
     return report.get("allocated_bytes_per_chip", report["total_bytes_per_chip"])
 
 
@@ -181,8 +181,8 @@ def test_moe_layers_spend_only_the_active_experts_flops():
 def test_the_fit_is_what_xla_allocates_when_the_jax_reports_it():
     """With `total_allocation_bytes` (jax >= 0.12) the fit is XLA's allocation (arguments
     included) plus code, not arguments + `temp_size_in_bytes`, which for some programs exceeds
-    what XLA allocates; without it (jax 0.10) the report is unchanged. And on a real compile
-    the two figures XLA gives agree with each other when the jax has them."""
+    what XLA allocates; without it (jax 0.10) the report is unchanged. On a real compile the
+    printed report carries the allocation exactly when the jax gives it, and its fit follows it."""
     from types import SimpleNamespace
 
     mem = SimpleNamespace(argument_size_in_bytes=3 * GiB, temp_size_in_bytes=9 * GiB, generated_code_size_in_bytes=GiB,

@@ -120,7 +120,7 @@ def test_cudnn_packed_documents_use_segment_lengths_not_a_mask(monkeypatch, wind
     rng = np.random.default_rng(0)
     few = np.cumsum(rng.random((2, seq)) < 0.1, axis=1) + 1  # ~8 documents a row
     few[1, -7:] = 0  # padding at the end of a row
-    many = np.arange(seq)[None] // 1 + 1  # one document per token: 80 > CUDNN_SEGMENTS
+    many = np.arange(seq)[None] + 1  # one document per token: 80 > CUDNN_SEGMENTS
     assert attention.CUDNN_SEGMENTS < seq
     q, k, v = (jax.random.normal(key, (2, seq, heads, 8)).astype(jnp.bfloat16)
                for key, heads in zip(jax.random.split(jax.random.PRNGKey(1), 3), (4, 2, 2)))

@@ -153,7 +153,7 @@ class LanguageModeling(_Task):
         # (Mixtral-8x7B 0.02, Qwen3-30B-A3B 0.001; transformers' default 0.001 when absent).
         aux = config.get("moe_aux_loss", 0.0)
         if aux is None:
-            aux = getattr(self, "_hf_source", {}).get("router_aux_loss_coef", 0.001) if self.init_from else 0.01
+            aux = self._hf_source.get("router_aux_loss_coef", 0.001) if self.init_from else 0.01
         self.moe_aux_loss, self.moe_z_loss = float(aux), float(config.get("moe_z_loss", 0.0))
         # Sequence positions per chunk of the output head and loss (0: the whole sequence).
         self.loss_chunk = int(config.loss_chunk)
